@@ -1,0 +1,279 @@
+"""params.yaml + profiles -> validated settings.
+
+One loader for every stage. The schema below is the single description of every setting; a key
+that is not in it (a typo, a stale key) is an error that names the key before any compute starts.
+
+Profiles: ``profiles/defaults.yaml`` holds every setting (the values of the ``tiny`` profile);
+``profiles/<name>.yaml`` holds only what that profile changes. ``python -m pathsynth.config use NAME``
+(``make profile PROFILE=NAME``) writes the merged result to ``params.yaml``, which is what DVC tracks,
+so switching profiles is one command and DVC sees every changed value.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ParamsError(ValueError):
+    """A params file is missing, unreadable or does not match the schema."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------- data
+SOURCE_KINDS = ("phantom", "npz", "pcam_h5")
+
+
+class Source(Strict):
+    """Where the train/valid images come from."""
+
+    kind: Literal["phantom", "npz", "pcam_h5"] = "phantom"
+    path: Optional[str] = None  # npz: the .npz file; pcam_h5: the folder with the official files
+    download: bool = False  # pcam_h5 only: fetch missing files from the official record (needs allow_network)
+    counts: dict[str, Optional[int]] = Field(default_factory=lambda: {"train": 1600, "valid": 200, "test": 200})
+    seed_offset: int = 0  # phantom only: a different offset renders an independent cohort
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.kind in ("npz", "pcam_h5") and not self.path:
+            raise ValueError(f"source kind '{self.kind}' needs 'path'")
+        if self.download and self.kind != "pcam_h5":
+            raise ValueError("'download' is only for kind 'pcam_h5'")
+        for split, n in self.counts.items():
+            if split not in ("train", "valid", "test"):
+                raise ValueError(f"counts: unknown split '{split}' (train, valid, test)")
+            if n is not None and n < 0:
+                raise ValueError(f"counts.{split} must be >= 0, got {n}")
+        return self
+
+
+class TestSource(Strict):
+    """Where the test images come from, chosen independently of the train/valid source.
+
+    same:    the train/valid source's own test split (phantom, official PCam);
+    holdout: a stratified fraction of the train split, set aside before anything else sees it;
+    phantom / npz / pcam_h5: an external cohort or file; ``split`` picks which of its splits.
+    """
+
+    kind: Literal["same", "holdout", "phantom", "npz", "pcam_h5"] = "same"
+    path: Optional[str] = None
+    split: str = "test"
+    holdout_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    download: bool = False
+    counts: dict[str, Optional[int]] = Field(default_factory=lambda: {"test": 200})
+    seed_offset: int = 1000
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.kind in ("npz", "pcam_h5") and not self.path:
+            raise ValueError(f"test kind '{self.kind}' needs 'path'")
+        if self.split not in ("train", "valid", "test"):
+            raise ValueError(f"test.split must be train, valid or test, got '{self.split}'")
+        return self
+
+    def as_source(self) -> Source:
+        return Source(kind=self.kind, path=self.path, download=self.download, counts=self.counts,
+                      seed_offset=self.seed_offset)
+
+
+class Data(Strict):
+    image_size: int = Field(32, ge=8, le=1024)  # every stage sees patches at this size
+    source: Source = Source()
+    test: TestSource = TestSource()
+
+
+class FilterParams(Strict):
+    """Outlier filter of the reference code (STUDY.md B.1), thresholds on 0-255 PIL HSV/grey."""
+
+    enabled: bool = True
+    min_mean_v: float = 70.0
+    min_mean_s: float = 3.0
+    min_std_v: float = 4.0
+    min_std_s: float = 4.0
+    min_std_h: float = 1.5
+    min_laplacian_var: float = 100.0
+    min_contours: int = 10
+    contour_threshold: int = 150
+
+
+class DataPrep(Strict):
+    filter: FilterParams = FilterParams()
+    balance_classes: bool = True  # subsample each split to equal class counts
+    max_per_class: dict[str, Optional[int]] = Field(
+        default_factory=lambda: {"train": None, "valid": None, "test": None})
+    examples_per_class: int = Field(8, ge=1, le=64)  # figure grid
+
+
+# --------------------------------------------------------------------------------------- DINO
+class Dino(Strict):
+    """The study's DINO (used by the prototypes stage and the dino_pretrain stage)."""
+
+    arch: str = "vit_tiny"  # vit_tiny | vit_small | vit_base (timm VisionTransformer widths)
+    depth: int = Field(6, ge=1, le=24)
+    patch_size: int = Field(4, ge=2, le=32)
+    out_dim: int = Field(1024, ge=16)
+    head_hidden_dim: int = 512
+    head_bottleneck_dim: int = 128
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = 5e-4  # at batch 256, scaled linearly as in DINO
+    min_lr: float = 1e-6
+    warmup_epochs: int = 1
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    momentum_teacher: float = 0.996
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    clip_grad: float = 3.0
+    freeze_last_layer_epochs: int = 1
+    global_crop_scale: tuple[float, float] = (0.5, 1.0)
+    local_crop_scale: tuple[float, float] = (0.2, 0.5)
+    local_crops_number: int = Field(4, ge=0)
+    local_crop_fraction: float = Field(0.5, gt=0, le=1)  # local crop side = fraction * image side
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    log_every: int = 20
+
+
+class Prototypes(Strict):
+    extractor: Literal["self_trained", "pretrained"] = "self_trained"
+    pretrained: Optional[str] = None  # local folder/file or a hub id the user names (needs allow_network)
+    pretrained_batch_size: int = 92
+    k: Optional[int] = 33  # null = choose by the sweep
+    k_sweep: list[int] = Field(default_factory=lambda: [4, 6, 8, 12, 16, 24, 33])
+    sweep_criterion: Literal["silhouette", "davies_bouldin", "s_dbw"] = "s_dbw"
+    n_init: int = Field(10, ge=1)
+    dino: Dino = Dino()
+    montage_per_prototype: int = Field(8, ge=1)
+    umap_max_points: int = 3000
+    # prompt-balanced subset for the diffusion training set (reference code balancing.py)
+    balance_min_prompts_per_class: int = 10
+    balance_max_images: Optional[int] = None  # null = as many as the balance allows
+
+
+class Params(Strict):
+    profile: str = "tiny"
+    seed: int = 18021999
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    allow_network: bool = False  # nothing reaches the network unless this is true
+    data: Data = Data()
+    data_prep: DataPrep = DataPrep()
+    prototypes: Prototypes = Prototypes()
+
+
+# --------------------------------------------------------------------------------------- loading
+def project_root(start: Path | None = None) -> Path:
+    """The study's root: the folder with dvc.yaml and profiles/ (notebooks run from notebooks/ in
+    JupyterLab and from the root under DVC)."""
+    here = Path(start or Path.cwd()).resolve()
+    for p in (here, *here.parents):
+        if (p / "dvc.yaml").is_file() and (p / "profiles" / "defaults.yaml").is_file():
+            return p
+    raise ParamsError(f"no study root (dvc.yaml and profiles/defaults.yaml) in {here} or any parent folder")
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{loc}' (misspelled or not a setting of this study)")
+        else:
+            lines.append(f"'{loc}': {e['msg']} (got {e.get('input')!r})")
+    return f"{origin}: " + "; ".join(lines)
+
+
+def validate(raw: dict, origin: str = "params") -> Params:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{origin}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format_errors(err, origin)) from None
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ParamsError(f"{path}: file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def load(path: str | Path | None = None) -> Params:
+    path = Path(path) if path else project_root() / "params.yaml"
+    return validate(_read_yaml(path), str(path))
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def profile_params(name: str, root: Path | None = None) -> dict:
+    root = root or project_root()
+    pdir = root / "profiles"
+    names = sorted(p.stem for p in pdir.glob("*.yaml") if p.stem != "defaults")
+    if name not in names:
+        raise ParamsError(f"unknown profile '{name}'; profiles are: {', '.join(names)}")
+    merged = deep_merge(_read_yaml(pdir / "defaults.yaml"), _read_yaml(pdir / f"{name}.yaml"))
+    merged["profile"] = name
+    validate(merged, f"profiles/{name}.yaml")  # fail before writing anything
+    return merged
+
+
+def use_profile(name: str, root: Path | None = None) -> Path:
+    root = root or project_root()
+    merged = profile_params(name, root)
+    header = (f"# Generated from profiles/defaults.yaml + profiles/{name}.yaml by\n"
+              f"#   make profile PROFILE={name}\n"
+              "# Edit freely (or `dvc exp run -S key=value`); regenerate to go back to the profile.\n")
+    out = root / "params.yaml"
+    tmp = out.with_suffix(".yaml.tmp")
+    tmp.write_text(header + yaml.safe_dump(merged, sort_keys=False))
+    tmp.replace(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 2 and argv[0] == "use":
+        try:
+            out = use_profile(argv[1])
+        except ParamsError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote {out} for profile '{argv[1]}'")
+        return 0
+    if len(argv) == 1 and argv[0] == "check":
+        try:
+            p = load()
+        except ParamsError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"params.yaml is valid (profile '{p.profile}')")
+        return 0
+    print("usage: python -m pathsynth.config use PROFILE | check", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,48 @@
+"""Run one stage's notebook through papermill: ``python -m pathsynth.run <stage>``.
+
+This is the command of every DVC stage. It finds ``notebooks/NN_<stage>.ipynb``, executes it from
+the study root with the log streamed (papermill --log-output), and writes the executed copy to
+``reports/executed/NN_<stage>.ipynb``. The executed copy is written to a temporary name first, so a
+failed run never leaves an executed notebook that looks complete.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .config import project_root
+
+
+def notebook_for(stage: str, root: Path) -> Path:
+    found = sorted((root / "notebooks").glob(f"[0-9][0-9]_{stage}.ipynb"))
+    if not found:
+        names = sorted(p.stem[3:] for p in (root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+        raise SystemExit(f"error: no notebook for stage '{stage}'; stages are: {', '.join(names)}")
+    return found[0]
+
+
+def main(argv=None) -> int:
+    import papermill as pm
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m pathsynth.run STAGE", file=sys.stderr)
+        return 2
+    root = project_root()
+    nb = notebook_for(argv[0], root)
+    out = root / "reports" / "executed" / nb.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.stem + ".running.ipynb")
+    try:
+        pm.execute_notebook(str(nb), str(tmp), parameters={"stage": argv[0]}, cwd=str(root),
+                            kernel_name="python3", log_output=True, progress_bar=False)
+    except pm.PapermillExecutionError as err:
+        print(f"error: stage '{argv[0]}' failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
+              f"(the executed notebook with the traceback: {tmp.relative_to(root)})", file=sys.stderr)
+        return 1
+    tmp.replace(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny data made in code, and a throw-away copy of the study for end-to-end runs."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data" / "pcam_ai4all"
+
+
+def shared_npz() -> Path:
+    p = SHARED / "pcam_ai4all.npz"
+    if not p.is_file():
+        pytest.skip(f"{p} not present (a fresh clone has no ../shared)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def phantom_small():
+    from pathsynth.data import phantom
+
+    return phantom.generate(48, seed=7, artefact_rate=0.0)
+
+
+def write_fake_pcam(folder: Path, images: np.ndarray, labels: np.ndarray, splits=("train", "valid", "test"),
+                    y_shape_4d: bool = True) -> Path:
+    """Fake official PCam files: same names, keys, dtypes and per-image shapes, few images."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in splits:
+        with h5py.File(folder / f"camelyonpatch_level_2_split_{s}_x.h5", "w") as f:
+            f.create_dataset("x", data=images)
+        with h5py.File(folder / f"camelyonpatch_level_2_split_{s}_y.h5", "w") as f:
+            f.create_dataset("y", data=labels.astype(np.uint8).reshape(-1, 1, 1, 1) if y_shape_4d else labels)
+    return folder
+
+
+@pytest.fixture
+def study(tmp_path):
+    """A copy of the study (code, notebooks, dvc.yaml, profiles) in a temp folder, with helpers to
+    set params. The package is imported from the real checkout (installed in editable mode)."""
+    dst = tmp_path / "study"
+    dst.mkdir()
+    for name in ("dvc.yaml", "params.yaml", "profiles", "notebooks", "lib"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst / name)
+
+    class Study:
+        root = dst
+
+        def set_params(self, profile="tiny", **overrides):
+            from pathsynth import config
+
+            merged = config.deep_merge(config.profile_params(profile, dst), overrides)
+            (dst / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
+            return config.validate(merged)
+
+    return Study()
+
+
+SMALL = {"data": {"source": {"counts": {"train": 160, "valid": 40, "test": 40}}}}
