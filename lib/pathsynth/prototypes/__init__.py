@@ -1,0 +1,1 @@
+"""Morphology prototypes: features (DINO), k-means clustering and image-derived prompts."""

@@ -1,0 +1,147 @@
+"""Feature extractors for prototyping: the study's own DINO ViT, or a pretrained DINO the user names.
+
+(a) ``self_trained`` (offline default): a DINO ViT trained by the prototypes stage on the real
+    training split (``pathsynth.ssl.dino``), saved as ``config.json`` + ``model.safetensors``.
+(b) ``pretrained``: a Hugging Face DINO ViT (the paper: ``facebook/dino-vitb8``, CLS token of
+    ``last_hidden_state``) from a local folder, or from the hub only when the user named the id and
+    set ``allow_network: true``. Pixels are given to the image processor as uint8 arrays, so its
+    1/255 rescale is applied once (the reference code rescaled twice; STUDY.md B.2).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import Dino
+from ..ssl.augment import normalise
+from ..ssl.dino import build_vit
+
+
+class ExtractorError(ValueError):
+    pass
+
+
+def save_extractor(backbone: torch.nn.Module, cfg: Dino, image_size: int, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    conf = {"kind": "pathsynth-dino", "arch": cfg.arch, "depth": cfg.depth, "patch_size": cfg.patch_size,
+            "image_size": image_size}
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(conf, indent=2))
+    return folder
+
+
+class SelfTrained:
+    """The study's DINO backbone; features = CLS token of ImageNet-normalised [0,1] pixels."""
+
+    def __init__(self, backbone: torch.nn.Module, description: str):
+        self.backbone, self.description = backbone.eval(), description
+
+    @classmethod
+    def load(cls, folder: Path) -> "SelfTrained":
+        folder = Path(folder)
+        cfile = folder / "config.json"
+        if not cfile.is_file():
+            raise ExtractorError(f"{folder}: no config.json (not a saved pathsynth extractor)")
+        conf = json.loads(cfile.read_text())
+        bb = build_vit(conf["arch"], conf["depth"], conf["patch_size"], conf["image_size"])
+        try:
+            state = load_file(folder / "model.safetensors")
+            bb.load_state_dict(state, strict=True)
+        except (RuntimeError, OSError) as err:
+            raise ExtractorError(f"{folder / 'model.safetensors'}: weights do not match the architecture "
+                                 f"in config.json ({conf['arch']}, depth {conf['depth']}, patch {conf['patch_size']}): "
+                                 f"{str(err).splitlines()[0]}") from None
+        return cls(bb, f"pathsynth DINO {conf['arch']}/{conf['patch_size']} depth {conf['depth']} ({folder})")
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray, batch_size: int = 256, device: str = "cpu", progress=None) -> np.ndarray:
+        self.backbone.to(device)
+        out = []
+        starts = range(0, len(images), batch_size)
+        for s in (progress(starts, desc="features", unit="batch") if progress else starts):
+            x = torch.from_numpy(images[s:s + batch_size]).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+            out.append(self.backbone(normalise(x)).float().cpu())
+        return torch.cat(out).numpy()
+
+
+class Pretrained:
+    """A Hugging Face DINO ViT (e.g. facebook/dino-vitb8); features = CLS of last_hidden_state."""
+
+    def __init__(self, spec: str, allow_network: bool, root: Path):
+        from transformers import AutoImageProcessor, ViTModel
+
+        local = Path(spec).expanduser()
+        local = local if local.is_absolute() else root / local
+        if local.exists():
+            src, kwargs = str(local), {"local_files_only": True}
+        elif "/" in spec and not spec.startswith((".", "/")) and allow_network:
+            src, kwargs = spec, {}
+        elif "/" in spec and not spec.startswith((".", "/")):
+            raise ExtractorError(f"prototypes.pretrained: '{spec}' is not a local folder, and fetching the hub id "
+                                 "needs allow_network: true in params.yaml (nothing is downloaded silently)")
+        else:
+            raise ExtractorError(f"prototypes.pretrained: {local} does not exist")
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(src, **kwargs)
+            self.model = ViTModel.from_pretrained(src, add_pooling_layer=False, **kwargs).eval()
+        except (OSError, ValueError) as err:
+            raise ExtractorError(f"prototypes.pretrained: cannot load '{spec}' as a ViT: {str(err).splitlines()[0]}") from None
+        self.description = f"pretrained {spec}"
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray, batch_size: int = 92, device: str = "cpu", progress=None) -> np.ndarray:
+        self.model.to(device)
+        out = []
+        starts = range(0, len(images), batch_size)
+        for s in (progress(starts, desc="features", unit="batch") if progress else starts):
+            # uint8 input: the processor's rescale (1/255) is then applied exactly once
+            inputs = self.processor(images=list(images[s:s + batch_size]), return_tensors="pt")
+            h = self.model(pixel_values=inputs["pixel_values"].to(device)).last_hidden_state
+            out.append(h[:, 0].float().cpu())
+        return torch.cat(out).numpy()
+
+
+def data_fingerprint(images: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
+
+
+def build_extractor(params, train_images: np.ndarray, root: Path, models_dir: Path, plots_dir: Path,
+                    device: str, progress=None):
+    """The extractor the params ask for: load the pretrained one, or train the study's DINO on the
+    real training images (resuming from ``checkpoints/prototypes/dino-<hash>/`` after a kill) and
+    save it to ``models_dir/extractor``. Returns (extractor, training summary or None)."""
+    from ..ssl.dino import train_dino
+    from ..training import params_hash
+
+    pp = params.prototypes
+    if pp.extractor == "pretrained":
+        if not pp.pretrained:
+            raise ExtractorError("prototypes.extractor is 'pretrained' but prototypes.pretrained is not set")
+        return Pretrained(pp.pretrained, params.allow_network, root), None
+    run = params_hash({"dino": pp.dino.model_dump(mode="json"), "seed": params.seed,
+                       "data": data_fingerprint(train_images)})
+    out = train_dino(train_images, pp.dino, root / "checkpoints" / "prototypes" / f"dino-{run}", params.seed,
+                     device, plots_csv=plots_dir / "dino_loss.csv", progress=progress)
+    folder = save_extractor(out["backbone"], pp.dino, int(train_images.shape[1]), models_dir / "extractor")
+    ext = SelfTrained(out["backbone"], f"self-trained DINO {pp.dino.arch}/{pp.dino.patch_size} depth "
+                                       f"{pp.dino.depth} on the real train split ({folder.name})")
+    return ext, out
+
+
+def check_extractor_params(params, root: Path) -> None:
+    """Cheap checks before any compute: a pretrained extractor is loaded (a bad path, a hub id
+    without network or weights that do not fit fail here), a self-trained one must fit the image size."""
+    pp = params.prototypes
+    if pp.extractor == "pretrained":
+        if not pp.pretrained:
+            raise ExtractorError("prototypes.extractor is 'pretrained' but prototypes.pretrained is not set")
+        Pretrained(pp.pretrained, params.allow_network, root)
+    elif params.data.image_size % pp.dino.patch_size:
+        raise ExtractorError(f"data.image_size {params.data.image_size} is not a multiple of "
+                             f"prototypes.dino.patch_size {pp.dino.patch_size}")

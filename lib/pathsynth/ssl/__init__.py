@@ -1,0 +1,1 @@
+"""Self-supervised learning: DINO and batched H&E multi-crop augmentation."""
