@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pathsynth.data.dataset import read_imageset
@@ -52,3 +53,40 @@ def test_data_prep_through_dvc_and_papermill(dvc_study):
     # a params change is seen by DVC
     s.set_params(**{**SMALL, "data_prep": {"examples_per_class": 4}})
     assert "data_prep" in run([sys.executable, "-m", "dvc", "status"], s.root)
+
+
+SMALL_PROTO = {**SMALL, "prototypes": {
+    "k": 5, "k_sweep": [3, 5, 8], "umap_max_points": 300, "balance_min_prompts_per_class": 2, "n_init": 4,
+    "dino": {"depth": 2, "epochs": 3, "out_dim": 256, "head_hidden_dim": 128, "head_bottleneck_dim": 64,
+             "batch_size": 32, "local_crops_number": 2, "lr": 0.002}}}
+
+
+def test_prototypes_through_dvc_and_papermill(dvc_study):
+    from pathsynth.prototypes.features import SelfTrained
+    from pathsynth.prototypes.prompts import mep_prompt
+
+    s = dvc_study
+    s.set_params(**SMALL_PROTO)
+    run([sys.executable, "-m", "dvc", "repro", "prototypes"], s.root)
+    m = json.loads((s.root / "metrics" / "prototypes.json").read_text())
+    assert m["k"] == 5 and m["extractor_kind"] == "self_trained" and m["seed"] == 18021999
+    assert m["n_prompts_mep"] <= 10 and m["n_prompts_baseline"] == 2
+    assert m["dino"]["collapse_warnings"] == []
+    # The phantom has 5 true morphology types. Chance level of the ARI is 0 and its bootstrap spread at
+    # N ~ 150 is a few hundredths; a 3-epoch, depth-2 DINO reaches ~0.3 here (the tiny profile ~0.37),
+    # so 0.15 is far above chance while leaving room for seed-to-seed variation.
+    rec = m["phantom_recovery"]
+    assert rec["ari"] > 0.15 and rec["ari_ci95"][0] > 0.05 and rec["nmi"] > 0.2, rec
+    import pandas as pd
+
+    t = pd.read_csv(s.root / "data" / "prototypes" / "prompts_train.csv")
+    assert len(t) == m["n"]["train"] and t.in_balanced_subset.sum() == m["balanced_subset"]["n_images"]
+    row = t.iloc[0]
+    assert row.prompt_mep == mep_prompt(row.label, row.prototype)
+    ext = SelfTrained.load(s.root / "models" / "prototypes" / "extractor")
+    feats = np.load(s.root / "data" / "prototypes" / "features_valid.npy")
+    valid = read_imageset(s.root / "data" / "data_prep" / "valid.h5")
+    np.testing.assert_allclose(ext(valid.x[:8]), feats[:8], rtol=1e-4, atol=1e-5)
+    for fig in ("montage", "umap", "k_sweep", "sizes", "dino_loss"):
+        assert (s.root / "reports" / "figures" / f"prototypes_{fig}.png").stat().st_size > 5000
+    assert "Running stage" not in run([sys.executable, "-m", "dvc", "repro"], s.root)

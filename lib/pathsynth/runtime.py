@@ -246,15 +246,13 @@ def progress(iterable=None, total=None, desc: str = "", unit: str = "it"):
 
 
 class RateLogger:
-    """Periodic log line with loss, rate and ETA for training loops."""
+    """A log line with loss, rate and ETA for training loops (the loop decides how often)."""
 
-    def __init__(self, total_steps: int, every: int = 20, name: str = "train"):
-        self.total, self.every, self.name = total_steps, max(1, every), name
+    def __init__(self, total_steps: int, name: str = "train"):
+        self.total, self.name = total_steps, name
         self.t0 = time.perf_counter()
 
     def __call__(self, step: int, items_done: int, **values) -> None:
-        if step % self.every and step != self.total:
-            return
         dt = time.perf_counter() - self.t0
         rate = items_done / dt if dt > 0 else float("nan")
         eta = dt / max(step, 1) * (self.total - step)

@@ -81,8 +81,9 @@ class Pretrained:
         elif "/" in spec and not spec.startswith((".", "/")) and allow_network:
             src, kwargs = spec, {}
         elif "/" in spec and not spec.startswith((".", "/")):
-            raise ExtractorError(f"prototypes.pretrained: '{spec}' is not a local folder, and fetching the hub id "
-                                 "needs allow_network: true in params.yaml (nothing is downloaded silently)")
+            raise ExtractorError(f"prototypes.pretrained: '{spec}' is not a local folder ({local} does not exist), "
+                                 "and fetching it as a hub id needs allow_network: true in params.yaml "
+                                 "(nothing is downloaded silently)")
         else:
             raise ExtractorError(f"prototypes.pretrained: {local} does not exist")
         try:

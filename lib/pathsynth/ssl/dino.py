@@ -213,7 +213,7 @@ def train_dino(images: np.ndarray, cfg: Dino, out_dir: Path, seed: int, device: 
     csv_log = CSVLog(plots_csv, ["step", "epoch", "loss", "lr", "wd", "momentum", "teacher_entropy",
                                  "batch_entropy"], resume_step=start_epoch * steps_per_epoch) if plots_csv else None
     monitor = CollapseMonitor(cfg.out_dim)
-    rate = RateLogger(total, cfg.log_every, "dino")
+    rate = RateLogger(total, "dino")
     x_all = torch.from_numpy(images)
     collapse = []
     for epoch in range(start_epoch, cfg.epochs):
@@ -266,5 +266,6 @@ def train_dino(images: np.ndarray, cfg: Dino, out_dir: Path, seed: int, device: 
                               "rng": rng_state(), "epoch": epoch, "history": history})
         acc.wait_for_everyone()
     backbone = teacher.backbone.eval()
-    return {"backbone": backbone, "history": history, "collapse": collapse, "steps": total,
+    return {"backbone": backbone, "student": acc.unwrap_model(student).eval(), "teacher": teacher.eval(),
+            "loss_fn": loss_fn, "crops": crops, "history": history, "collapse": collapse, "steps": total,
             "images_seen": total * cfg.batch_size, "max_entropy": math.log(cfg.out_dim)}
