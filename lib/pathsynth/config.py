@@ -160,6 +160,83 @@ class Prototypes(Strict):
     balance_max_images: Optional[int] = None  # null = as many as the balance allows
 
 
+# --------------------------------------------------------------------------------------- LDM
+class Loop(Strict):
+    """Settings of the study's training loop (pathsynth.training.train_loop)."""
+
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(32, ge=1)  # per process
+    lr: float = Field(1e-4, gt=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    grad_accum: int = Field(1, ge=1)
+    clip_grad: Optional[float] = 1.0
+    weight_decay: float = 1e-2
+    ema_decay: Optional[float] = 0.999  # null = no EMA; with warm-up (diffusers EMAModel)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    use_8bit_adam: bool = False  # bitsandbytes, GPU only
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    sample_every: int = Field(0, ge=0)  # 0 = only at the end
+    log_every: int = Field(25, ge=1)
+
+
+class VAEParams(Strict):
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    kl_weight: float = 1e-6
+    train: Loop = Loop(steps=300, batch_size=32, lr=1e-3, ema_decay=None)
+
+
+class UNetParams(Strict):
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64])
+    layers_per_block: int = 1
+    attention_head_dim: int = 4
+    down_block_types: list[str] = Field(default_factory=lambda: ["CrossAttnDownBlock2D", "DownBlock2D"])
+    up_block_types: list[str] = Field(default_factory=lambda: ["UpBlock2D", "CrossAttnUpBlock2D"])
+
+
+class TextEncoderParams(Strict):
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    max_length: int = 16
+
+
+class ClassifierParams(Strict):
+    channels: list[int] = Field(default_factory=lambda: [32, 64])
+    noise_bins: int = Field(10, ge=2)
+    train: Loop = Loop(steps=300, batch_size=64, lr=1e-3, ema_decay=None)
+
+
+class LDMFinetune(Strict):
+    regime: Literal["scratch", "finetune"] = "scratch"
+    pretrained: Optional[str] = None  # finetune: a local Stable Diffusion folder, or a hub id with allow_network
+    resolution: Optional[int] = None  # finetune: patches are resized to this (paper: 96 -> 512); null = data.image_size
+    variants: list[Literal["baseline", "mep"]] = Field(default_factory=lambda: ["baseline", "mep"])
+    use_balanced_subset: bool = True  # train the UNet on the prompt-balanced subset (reference code)
+    cond_dropout: float = Field(0.1, ge=0, lt=1)  # empty prompt this often, for classifier-free guidance
+    train_text_encoder: bool = True  # scratch only: the in-code CLIP text encoder is trained with the UNet
+    vae: VAEParams = VAEParams()
+    unet: UNetParams = UNetParams()
+    text_encoder: TextEncoderParams = TextEncoderParams()
+    train: Loop = Loop(steps=400, batch_size=32, lr=5e-4, warmup_steps=20, ema_decay=0.995)
+    classifier: ClassifierParams = ClassifierParams()
+    sample_steps: int = 25
+    sample_guidance: float = 3.0
+    n_sample_seeds: int = 4
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.regime == "finetune" and not self.pretrained:
+            raise ValueError("regime 'finetune' needs 'pretrained' (a Stable Diffusion folder or hub id)")
+        if not self.variants:
+            raise ValueError("'variants' must name at least one of baseline, mep")
+        return self
+
+
 class Params(Strict):
     profile: str = "tiny"
     seed: int = 18021999
@@ -168,6 +245,7 @@ class Params(Strict):
     data: Data = Data()
     data_prep: DataPrep = DataPrep()
     prototypes: Prototypes = Prototypes()
+    ldm_finetune: LDMFinetune = LDMFinetune()
 
 
 # --------------------------------------------------------------------------------------- loading

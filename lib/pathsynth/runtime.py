@@ -92,6 +92,24 @@ def network_allowed(reason: str, allowed: bool):
         _network_allowed_for.pop()
 
 
+def resolve_weights(spec: str, allow_network: bool, root: Path, setting: str) -> tuple[str, dict]:
+    """Where pretrained weights come from: an existing local path (relative to the study root), or a
+    hub id the user named, only with ``allow_network: true``. Returns (source, from_pretrained kwargs).
+    Never a silent substitute: anything else is an error naming the setting."""
+    local = Path(spec).expanduser()
+    local = local if local.is_absolute() else root / local
+    if local.exists():
+        return str(local), {"local_files_only": True}
+    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+    if looks_like_hub_id and allow_network:
+        return spec, {}
+    if looks_like_hub_id:
+        raise FileNotFoundError(
+            f"{setting}: '{spec}' is not a local folder ({local} does not exist), and fetching it as a hub id "
+            "needs allow_network: true in params.yaml (nothing is downloaded silently)")
+    raise FileNotFoundError(f"{setting}: {local} does not exist")
+
+
 # ------------------------------------------------------------------------------ seeding, device
 def seed_everything(seed: int) -> None:
     import torch

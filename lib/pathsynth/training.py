@@ -7,6 +7,7 @@ to a temporary folder and renamed, so a kill mid-save never leaves a checkpoint 
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -104,3 +105,151 @@ class CSVLog:
     def write(self, **row) -> None:
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=self.fields).writerow({k: row.get(k) for k in self.fields})
+
+
+# ============================================================================ THE training loop
+class Task:
+    """What a model contributes to the loop: ``model`` (the trainable nn.Module, kept in fp32),
+    ``loss(batch, generator)`` on a dict of tensors already on the device, and ``prepare(device, dtype)``
+    to place its frozen parts (cast to the mixed-precision dtype, as in the diffusers examples)."""
+
+    model: torch.nn.Module
+
+    def loss(self, batch: dict, g: torch.Generator) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def prepare(self, device, dtype) -> None:
+        pass
+
+
+def _batch_indices(n: int, global_batch: int, seed: int, draw: int) -> torch.Tensor:
+    """Indices of the ``draw``-th global batch: epochs are seeded permutations (drop_last), so any
+    position of the stream can be recomputed after a resume."""
+    per_epoch = n // global_batch
+    epoch, b = divmod(draw, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    return perm[b * global_batch:(b + 1) * global_batch]
+
+
+def _optimizer(params, cfg):
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise TrainingError("use_8bit_adam: true needs bitsandbytes (pip install bitsandbytes; CUDA only)") from None
+        return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: int, device: str = "cpu",
+               log_csv: Path | None = None, name: str = "train", on_sample=None) -> dict:
+    """Train ``task.model`` on ``data`` (a dict of equally long CPU tensors) for ``cfg.steps`` optimiser steps.
+
+    accelerate places the model and data, runs mixed precision and several processes
+    (``accelerate launch``); EMA (diffusers EMAModel, with warm-up) is swapped in for samples and
+    is what the returned model holds; checkpoints ``checkpoint-<step>`` rotate and the latest is
+    resumed, unless it was made with other params; a non-finite loss stops with a clear message."""
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from .runtime import RateLogger, log
+
+    n = len(next(iter(data.values())))
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=(device == "cpu"))
+    global_batch = cfg.batch_size * acc.num_processes
+    if global_batch > n:
+        raise TrainingError(f"{name}: batch size {global_batch} is larger than the {n} training items")
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+    model = task.model
+    if cfg.gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
+        model.enable_gradient_checkpointing()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = _optimizer(params, cfg)
+    sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
+    ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True) if cfg.ema_decay else None
+
+    ckpt = Checkpoints(out_dir, run_hash, keep=cfg.keep_checkpoints)
+    start, history = 0, []
+    last = ckpt.latest()
+    if last is not None:
+        st = Checkpoints.load(last)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        if ema is not None:
+            ema.load_state_dict(st["ema"])
+        set_rng_state(st["rng"])
+        start, history = st["step"], st["history"]
+        log.info(f"{name}: resumed from {last} (step {start}/{cfg.steps})")
+    model, opt = acc.prepare(model, opt)
+    task.prepare(acc.device, weight_dtype)
+    if ema is not None:
+        ema.to(acc.device)
+    csv_log = CSVLog(log_csv, ["step", "loss", "lr", "images_per_s"], resume_step=start) if log_csv else None
+    rate = RateLogger(cfg.steps, name)
+    train_time, images_done, window = 0.0, 0, []
+    import time
+
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        model.train()
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            draw = step * cfg.grad_accum + micro
+            idx = _batch_indices(n, global_batch, seed, draw)[acc.process_index::acc.num_processes]
+            batch = {k: v[idx].to(acc.device, non_blocking=True) for k, v in data.items()}
+            g = torch.Generator(device=acc.device).manual_seed(seed * 100003 + draw * 31 + acc.process_index)
+            sync = acc.no_sync(model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
+            with sync, acc.autocast():
+                loss = task.loss(batch, g)
+            lv = float(loss.detach())
+            check_finite(lv, step, ckpt.list()[-1] if ckpt.list() else None)
+            with sync:
+                acc.backward(loss / cfg.grad_accum)
+            loss_sum += lv / cfg.grad_accum
+        if cfg.clip_grad:
+            acc.clip_grad_norm_(params, cfg.clip_grad)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(params)
+        train_time += time.perf_counter() - t0
+        images_done += global_batch * cfg.grad_accum
+        window.append(loss_sum)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            ips = images_done / train_time
+            entry = {"step": done, "loss": float(np.mean(window)), "lr": sched.get_last_lr()[0], "images_per_s": ips}
+            history.append(entry)
+            window = []
+            if csv_log and acc.is_main_process:
+                csv_log.write(**entry)
+            rate(done, images_done, loss=entry["loss"], lr=entry["lr"])
+            # the rate logger's own clock includes checkpoints and samples; images_per_s does not
+        if on_sample and cfg.sample_every and done % cfg.sample_every == 0 and acc.is_main_process:
+            _with_ema(ema, params, lambda: on_sample(done, acc.unwrap_model(model)))
+        if (done % cfg.checkpoint_every == 0 or done == cfg.steps) and acc.is_main_process:
+            ckpt.save(done, {"model": acc.unwrap_model(model).state_dict(), "opt": opt.state_dict(),
+                             "sched": sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                             "rng": rng_state(), "step": done, "history": history})
+        acc.wait_for_everyone()
+    final = acc.unwrap_model(model)
+    if ema is not None:
+        ema.copy_to(params)  # the returned (and saved) weights are the EMA weights
+    final.eval()
+    return {"model": final, "history": history, "steps": cfg.steps, "resumed_from": start,
+            "images_seen": cfg.steps * global_batch * cfg.grad_accum,
+            "images_per_s": images_done / train_time if train_time else None, "accelerator": acc}
+
+
+def _with_ema(ema, params, fn):
+    if ema is None:
+        return fn()
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        return fn()
+    finally:
+        ema.restore(params)

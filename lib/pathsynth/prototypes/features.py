@@ -74,18 +74,12 @@ class Pretrained:
     def __init__(self, spec: str, allow_network: bool, root: Path):
         from transformers import AutoImageProcessor, ViTModel
 
-        local = Path(spec).expanduser()
-        local = local if local.is_absolute() else root / local
-        if local.exists():
-            src, kwargs = str(local), {"local_files_only": True}
-        elif "/" in spec and not spec.startswith((".", "/")) and allow_network:
-            src, kwargs = spec, {}
-        elif "/" in spec and not spec.startswith((".", "/")):
-            raise ExtractorError(f"prototypes.pretrained: '{spec}' is not a local folder ({local} does not exist), "
-                                 "and fetching it as a hub id needs allow_network: true in params.yaml "
-                                 "(nothing is downloaded silently)")
-        else:
-            raise ExtractorError(f"prototypes.pretrained: {local} does not exist")
+        from ..runtime import resolve_weights
+
+        try:
+            src, kwargs = resolve_weights(spec, allow_network, root, "prototypes.pretrained")
+        except FileNotFoundError as err:
+            raise ExtractorError(str(err)) from None
         try:
             self.processor = AutoImageProcessor.from_pretrained(src, **kwargs)
             self.model = ViTModel.from_pretrained(src, add_pooling_layer=False, **kwargs).eval()

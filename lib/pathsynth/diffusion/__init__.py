@@ -1,0 +1,1 @@
+"""Latent diffusion in the Stable Diffusion layout: components, the noise-aware prototype classifier, training."""
