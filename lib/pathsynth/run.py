@@ -22,7 +22,12 @@ def notebook_for(stage: str, root: Path) -> Path:
 
 
 def main(argv=None) -> int:
+    import logging
+
     import papermill as pm
+
+    # papermill streams the notebook's stdout at INFO level: without a handler it would be dropped
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:

@@ -108,15 +108,11 @@ class CSVLog:
 
 
 # ============================================================================ THE training loop
-class Task:
-    """What a model contributes to the loop: ``model`` (the trainable nn.Module, kept in fp32),
-    ``loss(batch, generator)`` on a dict of tensors already on the device, and ``prepare(device, dtype)``
-    to place its frozen parts (cast to the mixed-precision dtype, as in the diffusers examples)."""
-
-    model: torch.nn.Module
-
-    def loss(self, batch: dict, g: torch.Generator) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+class Task(torch.nn.Module):
+    """A model as the loop sees it: an nn.Module whose ``forward(batch, generator)`` returns the loss
+    (so several processes sync through accelerate's DDP wrapper), holding its trainable modules
+    (kept in fp32). Frozen parts are held outside the module tree and placed by ``prepare(device,
+    dtype)`` (cast to the mixed-precision dtype, as in the diffusers examples)."""
 
     def prepare(self, device, dtype) -> None:
         pass
@@ -143,7 +139,7 @@ def _optimizer(params, cfg):
 
 def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: int, device: str = "cpu",
                log_csv: Path | None = None, name: str = "train", on_sample=None) -> dict:
-    """Train ``task.model`` on ``data`` (a dict of equally long CPU tensors) for ``cfg.steps`` optimiser steps.
+    """Train ``task`` on ``data`` (a dict of equally long CPU tensors) for ``cfg.steps`` optimiser steps.
 
     accelerate places the model and data, runs mixed precision and several processes
     (``accelerate launch``); EMA (diffusers EMAModel, with warm-up) is swapped in for samples and
@@ -161,9 +157,11 @@ def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: 
     if global_batch > n:
         raise TrainingError(f"{name}: batch size {global_batch} is larger than the {n} training items")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
-    model = task.model
-    if cfg.gradient_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
-        model.enable_gradient_checkpointing()
+    model = task
+    if cfg.gradient_checkpointing:
+        for m in model.modules():
+            if m is not model and hasattr(m, "enable_gradient_checkpointing"):
+                m.enable_gradient_checkpointing()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _optimizer(params, cfg)
     sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
@@ -202,7 +200,7 @@ def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: 
             g = torch.Generator(device=acc.device).manual_seed(seed * 100003 + draw * 31 + acc.process_index)
             sync = acc.no_sync(model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
             with sync, acc.autocast():
-                loss = task.loss(batch, g)
+                loss = model(batch, g)
             lv = float(loss.detach())
             check_finite(lv, step, ckpt.list()[-1] if ckpt.list() else None)
             with sync:

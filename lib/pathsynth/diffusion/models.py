@@ -87,7 +87,8 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
 def assemble_pipeline(vae, text_encoder, tokenizer, unet, train_scheduler) -> StableDiffusionPipeline:
     """A standard StableDiffusionPipeline (DDIM scheduler from the training schedule, no safety checker)."""
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler.from_config(train_scheduler.config),
+                                   scheduler=DDIMScheduler.from_config(train_scheduler.config, steps_offset=1,
+                                                                       set_alpha_to_one=False),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 

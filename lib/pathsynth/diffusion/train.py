@@ -1,0 +1,195 @@
+"""The ldm_finetune stage: the VAE (from scratch), the conditional UNet per prompt variant, and the
+noise-aware prototype classifier, all trained by ``pathsynth.training.train_loop``.
+
+Two regimes (``ldm_finetune.regime``):
+- ``finetune``: the paper's set-up (STUDY.md B.3): a pretrained Stable Diffusion from a local folder
+  (or a hub id the user named), VAE and CLIP text encoder frozen (cast to the mixed-precision dtype),
+  only the UNet trained (fp32 weights), patches resized to ``resolution`` (the paper: 96 -> 512).
+- ``scratch``: offline profiles: a small AutoencoderKL is trained first, then the UNet with a small
+  CLIP text encoder and a tokenizer built from the prompt vocabulary.
+
+Latents are encoded once (the VAE is frozen while the UNet trains) as the posterior mean and std,
+and a fresh sample z = mean + std * eps is drawn at every step, as SD training does.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data.dataset import DataError, ImageSet
+from ..training import Task, params_hash, train_loop
+from . import models
+
+
+# ------------------------------------------------------------------ data
+def check_prompts(table: pd.DataFrame, ds: ImageSet, path: Path) -> None:
+    """The prompt file must describe the image set it is used with, row by row."""
+    need = {"index", "label", "prototype", "prompt_baseline", "prompt_mep"}
+    if not need <= set(table.columns):
+        raise DataError(f"{path}: missing columns {sorted(need - set(table.columns))}")
+    if len(table) != len(ds):
+        raise DataError(f"{path}: {len(table)} rows, but the image set has {len(ds)} images")
+    if not (table["label"].to_numpy() == ds.y).all():
+        bad = int(np.flatnonzero(table["label"].to_numpy() != ds.y)[0])
+        raise DataError(f"{path}: row {bad} has label {table['label'].iloc[bad]} but image {bad} has label {ds.y[bad]}")
+
+
+def to_model_range(x_uint8: np.ndarray, resolution: int | None = None) -> torch.Tensor:
+    """uint8 [N,H,W,3] -> float [N,3,R,R] in [-1, 1] (bilinear resize when a resolution is given)."""
+    x = torch.from_numpy(x_uint8).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    if resolution and resolution != x.shape[-1]:
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+@torch.no_grad()
+def encode(vae, images: np.ndarray, resolution: int | None, device, batch: int = 256, progress=None):
+    """Posterior mean and std of every image, already multiplied by the VAE's scaling factor."""
+    vae.eval().to(device)
+    dtype = next(vae.parameters()).dtype
+    means, stds = [], []
+    starts = range(0, len(images), batch)
+    for s in (progress(starts, desc="encode latents", unit="batch") if progress else starts):
+        x = to_model_range(images[s:s + batch], resolution).to(device, dtype)
+        post = vae.encode(x).latent_dist
+        means.append(post.mean.float().cpu())
+        stds.append(post.std.float().cpu())
+    f = vae.config.scaling_factor
+    return torch.cat(means) * f, torch.cat(stds) * f
+
+
+# ------------------------------------------------------------------ tasks
+class VAETask(Task):
+    """Reconstruction (L1) + a small KL term, on images in [-1, 1] with random flips."""
+
+    def __init__(self, vae, kl_weight: float):
+        super().__init__()
+        self.vae, self.kl_weight = vae, kl_weight
+
+    def forward(self, batch, g):
+        x = batch["x"].float().div(127.5).sub(1).permute(0, 3, 1, 2)
+        flip = torch.rand(len(x), generator=g, device=g.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        post = self.vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g, device=g.device)
+        rec = self.vae.decode(z).sample
+        return F.l1_loss(rec.float(), x) + self.kl_weight * post.kl().mean()
+
+
+class LDMTask(Task):
+    """epsilon-prediction MSE of the text-conditioned UNet; the prompt is replaced by the empty prompt
+    with probability ``cond_dropout`` so classifier-free guidance works at sampling time."""
+
+    def __init__(self, unet, text_encoder, train_text_encoder: bool, scheduler, cond_dropout: float, empty_ids):
+        super().__init__()
+        self.unet = unet
+        if train_text_encoder:
+            self.text_encoder = text_encoder
+        else:
+            text_encoder.requires_grad_(False)
+            self._frozen = [text_encoder]  # outside the module tree: not trained, not checkpointed
+        self.scheduler, self.cond_dropout = scheduler, cond_dropout
+        self.register_buffer("empty_ids", empty_ids.clone(), persistent=False)
+
+    def encoder(self):
+        return self.text_encoder if hasattr(self, "text_encoder") else self._frozen[0]
+
+    def prepare(self, device, dtype):
+        if hasattr(self, "_frozen"):
+            self._frozen[0].to(device, dtype).eval()
+
+    def forward(self, batch, g):
+        z0 = batch["mean"] + batch["std"] * torch.randn(batch["mean"].shape, generator=g, device=g.device)
+        flip = torch.rand(len(z0), generator=g, device=g.device) < 0.5  # the paper's random flip, on latents
+        z0 = torch.where(flip[:, None, None, None], z0.flip(-1), z0)
+        ids = batch["ids"]
+        drop = torch.rand(len(ids), generator=g, device=g.device) < self.cond_dropout
+        ids = torch.where(drop[:, None], self.empty_ids[None], ids)
+        hidden = self.encoder()(ids)[0]
+        noise = torch.randn(z0.shape, generator=g, device=g.device)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(z0),), generator=g, device=g.device)
+        zt = self.scheduler.add_noise(z0, noise, t)
+        pred = self.unet(zt.to(hidden.dtype), t, encoder_hidden_states=hidden).sample
+        return F.mse_loss(pred.float(), noise.float())
+
+
+# ------------------------------------------------------------------ stage steps
+def train_vae(train_x: np.ndarray, cfg, seed: int, device: str, ckpt_root: Path, log_csv: Path, fingerprint: str):
+    torch.manual_seed(seed)
+    vae = models.build_vae(cfg)
+    task = VAETask(vae, cfg.kl_weight)
+    run = params_hash({"vae": cfg.model_dump(mode="json"), "seed": seed, "data": fingerprint})
+    out = train_loop(task, {"x": torch.from_numpy(train_x)}, cfg.train, ckpt_root / f"vae-{run}", run, seed,
+                     device, log_csv, name="vae")
+    vae = out["model"].vae
+    vae.register_to_config(scaling_factor=1.0)
+    mean, _ = encode(vae, train_x[:2048], None, "cpu")
+    vae.register_to_config(scaling_factor=float(1.0 / mean.std()))  # as SD's 0.18215: unit-variance latents
+    return vae, out
+
+
+@torch.no_grad()
+def reconstruction_quality(vae, images: np.ndarray, resolution: int | None, device) -> dict:
+    """PSNR and SSIM (torchmetrics, data range [0, 1]) of VAE reconstructions of held-out real patches."""
+    from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+    psnr, ssim = PeakSignalNoiseRatio(data_range=1.0), StructuralSimilarityIndexMeasure(data_range=1.0)
+    vae.eval().to(device)
+    dtype = next(vae.parameters()).dtype
+    for s in range(0, len(images), 128):
+        x = to_model_range(images[s:s + 128], resolution).to(device, dtype)
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+        a, b = (rec.float().cpu().clamp(-1, 1) + 1) / 2, (x.float().cpu() + 1) / 2
+        psnr.update(a, b)
+        ssim.update(a, b)
+    return {"psnr": float(psnr.compute()), "ssim": float(ssim.compute()), "n": int(len(images))}
+
+
+def build_text_side(regime: str, params, prompts: list[str], pretrained: dict | None):
+    if regime == "finetune":
+        return pretrained["tokenizer"], pretrained["text_encoder"]
+    tok = models.build_tokenizer(sorted(set(prompts)) + [""], params.text_encoder.max_length)
+    return tok, models.build_text_encoder(params.text_encoder, tok)
+
+
+def train_unet(variant: str, latents: tuple, prompts: list[str], tokenizer, text_encoder, unet, lp, seed: int,
+               device: str, ckpt_root: Path, log_csv: Path, fingerprint: str, train_text_encoder: bool,
+               on_sample=None):
+    scheduler = models.noise_scheduler()
+    ids = models.tokenize(tokenizer, prompts)
+    empty = models.tokenize(tokenizer, [""])[0]
+    task = LDMTask(unet, text_encoder, train_text_encoder, scheduler, lp.cond_dropout, empty)
+    run = params_hash({"variant": variant, "ldm": lp.model_dump(mode="json"), "seed": seed, "data": fingerprint,
+                       "prompts": params_hash({"p": prompts})})
+    out = train_loop(task, {"mean": latents[0], "std": latents[1], "ids": ids}, lp.train, ckpt_root / f"unet-{variant}-{run}",
+                     run, seed, device, log_csv, name=f"unet[{variant}]", on_sample=on_sample)
+    return out
+
+
+def train_classifier(latents: tuple, prototypes: np.ndarray, k: int, cp, seed: int, device: str, ckpt_root: Path,
+                     log_csv: Path, fingerprint: str):
+    from .classifier import ClassifierTask, NoisyLatentClassifier
+
+    torch.manual_seed(seed)
+    model = NoisyLatentClassifier(in_channels=latents[0].shape[1], num_classes=k, channels=tuple(cp.channels))
+    task = ClassifierTask(model, models.noise_scheduler())
+    run = params_hash({"classifier": cp.model_dump(mode="json"), "k": k, "seed": seed, "data": fingerprint})
+    out = train_loop(task, {"mean": latents[0], "std": latents[1], "prototype": torch.from_numpy(prototypes).long()},
+                     cp.train, ckpt_root / f"classifier-{run}", run, seed, device, log_csv, name="classifier")
+    return out["model"].model, out
+
+
+@torch.no_grad()
+def sample_images(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, device: str) -> np.ndarray:
+    """Images from the diffusers pipeline call, one fixed seed per image (uint8 [N,H,W,3])."""
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    out = pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+               output_type="np").images
+    return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)

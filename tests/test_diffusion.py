@@ -1,0 +1,236 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pathsynth.config import LDMFinetune, Loop
+from pathsynth.data.dataset import DataError, ImageSet
+from pathsynth.diffusion import models, train as T
+from pathsynth.diffusion.classifier import ClassifierTask, NoisyLatentClassifier, accuracy_by_noise
+from pathsynth.prototypes.prompts import baseline_prompt, mep_prompt
+from pathsynth.training import Task, TrainingError, train_loop
+
+PROMPTS = [mep_prompt(y, c) for y in (0, 1) for c in range(3)] + [baseline_prompt(0), baseline_prompt(1)]
+LP = LDMFinetune(text_encoder={"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_length": 16},
+                 unet={"block_out_channels": [16, 32], "attention_head_dim": 4})
+
+
+def loop(**kw):
+    base = dict(steps=6, batch_size=8, lr=1e-3, ema_decay=None, log_every=1, checkpoint_every=2)
+    return Loop(**{**base, **kw})
+
+
+def tiny_parts(seed=0):
+    torch.manual_seed(seed)
+    tok = models.build_tokenizer(PROMPTS + [""], 16)
+    te = models.build_text_encoder(LP.text_encoder, tok)
+    unet = models.build_unet(LP.unet, 8, 4, te.config.hidden_size)
+    vae = models.build_vae(LP.vae)
+    return tok, te, unet, vae
+
+
+def latents(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, 8, 8, generator=g), torch.full((n, 4, 8, 8), 0.05)
+
+
+def test_tokenizer_words_are_single_tokens():
+    tok = models.build_tokenizer(PROMPTS + [""], 16)
+    toks = tok.tokenize(mep_prompt(1, 2))
+    assert toks == ["histology</w>", "image</w>", "of</w>", "cancer</w>", "tissue</w>", ",</w>", "morphology</w>",
+                    "type</w>", "two</w>"]
+    ids = models.tokenize(tok, ["", PROMPTS[0]])
+    assert ids.shape == (2, 16) and ids[0, 0] == tok.bos_token_id and ids[0, 1] == tok.eos_token_id
+    with pytest.raises(models.ModelError, match="max_length 4 is too short"):
+        models.build_tokenizer(PROMPTS, 4)
+
+
+def test_unet_loss_falls_on_a_fixed_batch(tmp_path):
+    tok, te, unet, _ = tiny_parts()
+    prompts = PROMPTS * 1
+    ids = models.tokenize(tok, prompts)
+    task = T.LDMTask(unet, te, True, models.noise_scheduler(), 0.0, models.tokenize(tok, [""])[0])
+    mean, std = latents(len(prompts))
+    out = train_loop(task, {"mean": mean, "std": std, "ids": ids}, loop(steps=40, batch_size=len(prompts), lr=3e-3),
+                     tmp_path, "h", seed=0)
+    first, last = out["history"][0]["loss"], np.mean([h["loss"] for h in out["history"][-5:]])
+    assert last < 0.7 * first, (first, last)
+
+
+def test_pipeline_roundtrip_through_plain_diffusers(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    tok, te, unet, vae = tiny_parts()
+    pipe = models.assemble_pipeline(vae, te, tok, unet, models.noise_scheduler())
+    pipe.save_pretrained(tmp_path / "p")
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "p")
+    for k, v in unet.state_dict().items():
+        torch.testing.assert_close(loaded.unet.state_dict()[k], v)
+    a = T.sample_images(loaded, [PROMPTS[0]], [7], 3, 2.0, "cpu")
+    b = T.sample_images(pipe, [PROMPTS[0]], [7], 3, 2.0, "cpu")
+    assert a.shape == (1, 32, 32, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)  # same weights, same seed: the same image
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    from pathsynth import training
+
+    def make():
+        torch.manual_seed(0)
+        return ClassifierTask(NoisyLatentClassifier(num_classes=3, channels=(8, 16), time_dim=16), models.noise_scheduler())
+
+    mean, std = latents(24)
+    data = {"mean": mean, "std": std, "prototype": torch.arange(24) % 3}
+    cfg = loop(ema_decay=0.9)
+    full = train_loop(make(), data, cfg, tmp_path / "full", "h", seed=1)["model"].state_dict()
+    real = training.Checkpoints.save
+
+    def save_and_die(self, step, state, extra=None):
+        real(self, step, state, extra)
+        if step == 4:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(training.Checkpoints, "save", save_and_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_loop(make(), data, cfg, tmp_path / "killed", "h", seed=1)
+    monkeypatch.setattr(training.Checkpoints, "save", real)
+    resumed = train_loop(make(), data, cfg, tmp_path / "killed", "h", seed=1)
+    assert resumed["resumed_from"] == 4
+    for k, v in full.items():
+        torch.testing.assert_close(resumed["model"].state_dict()[k], v, rtol=0, atol=0)
+    # the same folder under other params: refused
+    with pytest.raises(TrainingError, match="different params"):
+        train_loop(make(), data, cfg, tmp_path / "killed", "other-hash", seed=1)
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+    class Bad(Task):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, batch, g):
+            return self.w * float("nan")
+
+    with pytest.raises(TrainingError, match="loss became nan at step 0"):
+        train_loop(Bad(), {"x": torch.zeros(8)}, loop(), tmp_path, "h", seed=0)
+
+
+def test_batch_larger_than_data(tmp_path):
+    with pytest.raises(TrainingError, match="batch size 64 is larger than the 8 training items"):
+        train_loop(ClassifierTask(NoisyLatentClassifier(num_classes=2), models.noise_scheduler()),
+                   {"mean": torch.zeros(8, 4, 8, 8)}, loop(batch_size=64), tmp_path, "h", seed=0)
+
+
+def test_classifier_learns_clean_latents_and_reports_noise_levels(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(96) % 3
+    centres = torch.randn(3, 4, 8, 8, generator=g) * 2
+    mean = centres[y] + 0.3 * torch.randn(96, 4, 8, 8, generator=g)
+    torch.manual_seed(0)
+    task = ClassifierTask(NoisyLatentClassifier(num_classes=3, channels=(16, 32), time_dim=16), models.noise_scheduler())
+    out = train_loop(task, {"mean": mean, "std": torch.zeros_like(mean), "prototype": y}, loop(steps=80, batch_size=32),
+                     tmp_path, "h", seed=0)
+    rows = accuracy_by_noise(out["model"].model, models.noise_scheduler(), mean, y, 4, seed=0)
+    assert rows[0]["accuracy"] > 0.9  # almost clean latents: easy
+    assert rows[-1]["accuracy"] < 0.6  # pure noise: about chance (1/3)
+    assert all(r["ci_low"] - 1e-9 <= r["accuracy"] <= r["ci_high"] + 1e-9 and r["n"] == 96 for r in rows)
+
+
+def _save_tiny_sd(folder: Path):
+    tok, te, unet, vae = tiny_parts()
+    pipe = models.assemble_pipeline(vae, te, tok, unet, models.noise_scheduler())
+    pipe.scheduler = models.noise_scheduler()
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def test_finetune_regime_against_a_tiny_local_sd(tmp_path):
+    """The paper's path (pretrained SD, UNet only, VAE and text encoder frozen), with a tiny local stand-in."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = _save_tiny_sd(tmp_path / "sd")
+    parts = models.load_components(str(folder), allow_network=False, root=tmp_path)
+    te_before = {k: v.clone() for k, v in parts["text_encoder"].state_dict().items()}
+    x = np.random.default_rng(0).integers(0, 255, (16, 16, 16, 3), dtype=np.uint8)  # 16 px, resized to 32
+    lat = T.encode(parts["vae"], x, 32, "cpu")
+    assert lat[0].shape == (16, 4, 8, 8)
+    lp = LP.model_copy(update={"train": loop(steps=3)})
+    unet0 = {k: v.clone() for k, v in parts["unet"].state_dict().items()}
+    out = T.train_unet("mep", lat, PROMPTS * 2, parts["tokenizer"], parts["text_encoder"], parts["unet"], lp, 0, "cpu",
+                       tmp_path / "ck", None, "fp", train_text_encoder=False)
+    task = out["model"]
+    assert not hasattr(task, "text_encoder")  # frozen: not part of what is trained or checkpointed
+    assert any(not torch.equal(unet0[k], v) for k, v in task.unet.state_dict().items())
+    for k, v in parts["text_encoder"].state_dict().items():
+        torch.testing.assert_close(v, te_before[k])
+    pipe = models.assemble_pipeline(parts["vae"], task.encoder(), parts["tokenizer"], task.unet, parts["scheduler"])
+    pipe.save_pretrained(tmp_path / "out")
+    assert StableDiffusionPipeline.from_pretrained(tmp_path / "out").unet is not None
+
+
+def test_pretrained_sd_bad_inputs(tmp_path):
+    with pytest.raises(models.ModelError, match="needs allow_network: true"):
+        models.load_components("runwayml/stable-diffusion-v1-5", allow_network=False, root=tmp_path)
+    with pytest.raises(models.ModelError, match="does not exist"):
+        models.load_components("./no/such/folder", allow_network=False, root=tmp_path)
+    folder = _save_tiny_sd(tmp_path / "sd")
+    import shutil
+
+    shutil.rmtree(folder / "unet")
+    with pytest.raises(models.ModelError, match=r"missing unet/"):
+        models.load_components(str(folder), allow_network=False, root=tmp_path)
+    # parts that do not fit each other
+    folder2 = _save_tiny_sd(tmp_path / "sd2")
+    torch.manual_seed(0)
+    models.build_unet(LP.unet, 8, 4, 48).save_pretrained(folder2 / "unet")
+    with pytest.raises(models.ModelError, match="cross_attention_dim 48 does not match the text encoder width 32"):
+        models.load_components(str(folder2), allow_network=False, root=tmp_path)
+
+
+def test_prompt_file_must_match_the_images():
+    ds = ImageSet(np.zeros((3, 8, 8, 3), np.uint8), np.array([0, 1, 1]))
+    t = pd.DataFrame({"index": [0, 1, 2], "label": [0, 1, 0], "prototype": [0, 0, 1],
+                      "prompt_baseline": ["a"] * 3, "prompt_mep": ["b"] * 3})
+    with pytest.raises(DataError, match="row 2 has label 0 but image 2 has label 1"):
+        T.check_prompts(t, ds, Path("prompts_train.csv"))
+    with pytest.raises(DataError, match="2 rows, but the image set has 3"):
+        T.check_prompts(t.iloc[:2], ds, Path("prompts_train.csv"))
+
+
+def test_vae_reconstruction_metrics_match_the_formula():
+    class Identity(torch.nn.Module):  # a "VAE" whose reconstruction is the input plus a known offset
+        config = type("C", (), {"scaling_factor": 1.0})
+
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def encode(self, x):
+            return type("E", (), {"latent_dist": type("D", (), {"mean": x})})
+
+        def decode(self, z):
+            return type("O", (), {"sample": z + 0.1})  # +0.1 in [-1, 1] = +0.05 in [0, 1]
+
+    x = np.random.default_rng(0).integers(20, 230, (6, 16, 16, 3), dtype=np.uint8)
+    q = T.reconstruction_quality(Identity(), x, None, "cpu")
+    assert q["psnr"] == pytest.approx(10 * np.log10(1 / 0.05 ** 2), abs=0.05)  # MSE = 0.05^2
+    assert q["n"] == 6 and 0.9 < q["ssim"] <= 1.0
+
+
+@pytest.mark.slow
+def test_two_processes_on_cpu_through_accelerate(tmp_path):
+    script = Path(__file__).with_name("ddp_worker.py")
+    out = tmp_path / "w"
+    # torchrun starts the two CPU processes; accelerate's Accelerator picks up the process group (MULTI_CPU, gloo)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    w0, w1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    for k in w0:
+        torch.testing.assert_close(w0[k], w1[k])  # gradients were synchronised: identical replicas
+    assert (out / "checkpoint-4").is_dir()
