@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pathsynth.data.dataset import read_imageset
 
@@ -61,13 +62,21 @@ SMALL_PROTO = {**SMALL, "prototypes": {
              "batch_size": 32, "local_crops_number": 2, "lr": 0.002}}}
 
 
-def test_prototypes_through_dvc_and_papermill(dvc_study):
+SMALL_LDM = {**SMALL_PROTO, "ldm_finetune": {
+    "vae": {"train": {"steps": 20, "batch_size": 16, "checkpoint_every": 10, "log_every": 5}},
+    "train": {"steps": 20, "batch_size": 16, "checkpoint_every": 10, "sample_every": 10, "log_every": 5, "warmup_steps": 0},
+    "classifier": {"noise_bins": 4, "train": {"steps": 20, "batch_size": 16, "checkpoint_every": 10, "log_every": 5}},
+    "n_sample_seeds": 2, "sample_steps": 4}}
+
+
+def test_study_through_dvc_and_papermill(dvc_study):
+    """prototypes and ldm_finetune (with data_prep upstream) on small settings, then a no-op repro."""
     from pathsynth.prototypes.features import SelfTrained
     from pathsynth.prototypes.prompts import mep_prompt
 
     s = dvc_study
-    s.set_params(**SMALL_PROTO)
-    run([sys.executable, "-m", "dvc", "repro", "prototypes"], s.root)
+    s.set_params(**SMALL_LDM)
+    run([sys.executable, "-m", "dvc", "repro", "ldm_finetune"], s.root)
     m = json.loads((s.root / "metrics" / "prototypes.json").read_text())
     assert m["k"] == 5 and m["extractor_kind"] == "self_trained" and m["seed"] == 18021999
     assert m["n_prompts_mep"] <= 10 and m["n_prompts_baseline"] == 2
@@ -89,4 +98,22 @@ def test_prototypes_through_dvc_and_papermill(dvc_study):
     np.testing.assert_allclose(ext(valid.x[:8]), feats[:8], rtol=1e-4, atol=1e-5)
     for fig in ("montage", "umap", "k_sweep", "sizes", "dino_loss"):
         assert (s.root / "reports" / "figures" / f"prototypes_{fig}.png").stat().st_size > 5000
+    # ldm_finetune: both variants load with plain diffusers and generate; the classifier loads and is reported
+    from diffusers import StableDiffusionPipeline
+
+    from pathsynth.diffusion.classifier import NoisyLatentClassifier
+
+    lm = json.loads((s.root / "metrics" / "ldm_finetune.json").read_text())
+    assert set(lm["unet"]) == {"baseline", "mep"} and lm["unet"]["mep"]["steps"] == 20
+    assert lm["vae"]["reconstruction_valid"]["n"] == m["n"]["valid"] and lm["vae"]["reconstruction_valid"]["psnr"] > 10
+    assert len(lm["classifier"]["accuracy_by_t"]) == 4 and lm["classifier"]["k"] == 5
+    pipe = StableDiffusionPipeline.from_pretrained(s.root / "models" / "ldm_finetune" / "mep")
+    img = pipe(prompt=[t.prompt_mep.iloc[0]], num_inference_steps=2, guidance_scale=2.0, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 32, 32, 3) and np.isfinite(img).all()
+    assert NoisyLatentClassifier.from_pretrained(s.root / "models" / "ldm_finetune" / "prototype_classifier").config.num_classes == 5
+    assert sorted(p.name for p in (s.root / "models" / "ldm_finetune" / "samples" / "mep").iterdir()) == [
+        "step-000010.png", "step-000020.png"]
+    for fig in ("vae", "classifier", "loss", "samples"):
+        assert (s.root / "reports" / "figures" / f"ldm_finetune_{fig}.png").stat().st_size > 5000
     assert "Running stage" not in run([sys.executable, "-m", "dvc", "repro"], s.root)
