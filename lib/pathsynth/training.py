@@ -118,13 +118,19 @@ class Task(torch.nn.Module):
         pass
 
 
-def _batch_indices(n: int, global_batch: int, seed: int, draw: int) -> torch.Tensor:
+class _BatchStream:
     """Indices of the ``draw``-th global batch: epochs are seeded permutations (drop_last), so any
-    position of the stream can be recomputed after a resume."""
-    per_epoch = n // global_batch
-    epoch, b = divmod(draw, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-    return perm[b * global_batch:(b + 1) * global_batch]
+    position of the stream can be recomputed after a resume. One permutation per epoch, cached."""
+
+    def __init__(self, n: int, global_batch: int, seed: int):
+        self.n, self.gb, self.seed, self.epoch, self.perm = n, global_batch, seed, None, None
+
+    def __call__(self, draw: int) -> torch.Tensor:
+        epoch, b = divmod(draw, self.n // self.gb)
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+        return self.perm[b * self.gb:(b + 1) * self.gb]
 
 
 def _optimizer(params, cfg):
@@ -165,7 +171,7 @@ def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _optimizer(params, cfg)
     sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
-    ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True) if cfg.ema_decay else None
+    ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, foreach=True) if cfg.ema_decay else None
 
     ckpt = Checkpoints(out_dir, run_hash, keep=cfg.keep_checkpoints)
     start, history = 0, []
@@ -187,6 +193,7 @@ def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: 
     csv_log = CSVLog(log_csv, ["step", "loss", "lr", "images_per_s"], resume_step=start) if log_csv else None
     rate = RateLogger(cfg.steps, name)
     train_time, images_done, window = 0.0, 0, []
+    batches = _BatchStream(n, global_batch, seed)
     import time
 
     for step in range(start, cfg.steps):
@@ -195,14 +202,15 @@ def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: 
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
             draw = step * cfg.grad_accum + micro
-            idx = _batch_indices(n, global_batch, seed, draw)[acc.process_index::acc.num_processes]
+            idx = batches(draw)[acc.process_index::acc.num_processes]
             batch = {k: v[idx].to(acc.device, non_blocking=True) for k, v in data.items()}
             g = torch.Generator(device=acc.device).manual_seed(seed * 100003 + draw * 31 + acc.process_index)
             sync = acc.no_sync(model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
             with sync, acc.autocast():
                 loss = model(batch, g)
             lv = float(loss.detach())
-            check_finite(lv, step, ckpt.list()[-1] if ckpt.list() else None)
+            if not math.isfinite(lv) or abs(lv) > 1e6:
+                check_finite(lv, step, ckpt.list()[-1] if ckpt.list() else None)
             with sync:
                 acc.backward(loss / cfg.grad_accum)
             loss_sum += lv / cfg.grad_accum
