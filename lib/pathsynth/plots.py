@@ -20,9 +20,10 @@ def image_rows(rows: dict[str, np.ndarray], ncols: int, title: str | None = None
             if c < len(imgs):
                 ax.imshow(imgs[c], interpolation="nearest")
         axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    height = len(rows) * cell + 0.4
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / height) if title else None)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     return fig
 
 
