@@ -76,3 +76,106 @@ def test_bad_guidance_inputs(parts):
         guidance.sample_latents(unet, te, tok, guidance.make_scheduler("ddim", cfg), [""], [0], 2, classifier_scale=1.0)
     with pytest.raises(ValueError, match="unknown sampler 'euler'"):
         guidance.make_scheduler("euler", cfg)
+
+
+# ------------------------------------------------------------------ the guided_sampling stage's machinery
+import pandas as pd  # noqa: E402
+
+from pathsynth.config import GuidedSampling, ParamsError, validate  # noqa: E402
+from pathsynth.data.dataset import DataError  # noqa: E402
+from pathsynth.diffusion import sampling as S  # noqa: E402
+from pathsynth.prototypes.prompts import prompt_table  # noqa: E402
+
+
+def _table():
+    t = prompt_table(np.array([0, 1, 0, 1, 0, 1]), np.array([0, 0, 1, 1, 2, 2]))
+    t["in_balanced_subset"] = True
+    return t
+
+
+@pytest.fixture(scope="module")
+def models_(parts):
+    tok, te, unet, vae = parts
+    t = _table()
+    base = {"unet": unet, "text_encoder": te, "tokenizer": tok, "vae": vae,
+            "train_scheduler_config": models.noise_scheduler().config}
+    torch.manual_seed(0)
+    return {"mep": {**base, "prompts": set(t.prompt_mep) | {""}},
+            "baseline": {**base, "prompts": set(t.prompt_baseline) | {""}},
+            "classifier": NoisyLatentClassifier(num_classes=3, channels=(8, 16), time_dim=16).eval()}
+
+
+def test_allocation_covers_prototypes_and_balances_labels():
+    req = S.allocate(_table(), 12, "uniform", True, seed=1)
+    assert np.bincount(req.prototype).tolist() == [4, 4, 4] and req.label.mean() == 0.5
+    again = S.allocate(_table(), 12, "uniform", True, seed=1)
+    np.testing.assert_array_equal(req.seed, again.seed)
+    assert len(set(req.seed.tolist())) == 12
+    prop = S.allocate(_table(), 30, "proportional", False, seed=1)
+    assert set(prop.prototype) <= {0, 1, 2}
+    with pytest.raises(ValueError, match="n_per_mode must be > 0"):
+        S.allocate(_table(), 0, "uniform", True, 1)
+
+
+def test_sharded_equals_unsharded_and_resume_loses_nothing(models_, tmp_path, monkeypatch):
+    req = S.allocate(_table(), 8, "uniform", True, seed=2)
+    whole = GuidedSampling(n_per_mode=8, steps=3, shard_size=8, batch_size=2, cfg_scale=2.0, classifier_scale=5.0)
+    sharded = whole.model_copy(update={"shard_size": 2})
+    S.generate_mode("cfg_mep_classifier", req, models_, whole, tmp_path / "a")
+    a = S.merge_mode("cfg_mep_classifier", 8, 8, tmp_path / "a", tmp_path / "a.h5")
+    # kill after the first shard, then resume
+    real = S.write_imageset
+    calls = []
+
+    def write_then_die(path, ds):
+        real(path, ds)
+        calls.append(path)
+        if len(calls) == 1:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(S, "write_imageset", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        S.generate_mode("cfg_mep_classifier", req, models_, sharded, tmp_path / "b")
+    monkeypatch.setattr(S, "write_imageset", real)
+    first = tmp_path / "b" / "cfg_mep_classifier" / "shard-00000.h5"
+    stamp = first.stat().st_mtime_ns
+    info = S.generate_mode("cfg_mep_classifier", req, models_, sharded, tmp_path / "b")
+    assert info["images_made"] == 6 and first.stat().st_mtime_ns == stamp  # finished shard not redone
+    b = S.merge_mode("cfg_mep_classifier", 8, 2, tmp_path / "b", tmp_path / "b.h5")
+    np.testing.assert_array_equal(a.x, b.x)
+    np.testing.assert_array_equal(b.meta["index"], np.arange(8))
+    for key in ("prompt", "prototype", "seed", "guidance_mode", "cfg_scale", "classifier_scale", "sampler", "steps",
+                "jpeg_quality", "model_variant"):
+        assert len(b.meta[key]) == 8, key
+    assert b.meta["guidance_mode"][0] == "cfg_mep_classifier" and b.meta["classifier_scale"][0] == 5.0
+    np.testing.assert_array_equal(b.y, req.label)
+    with pytest.raises(DataError, match="shard missing"):
+        S.merge_mode("cfg_mep_classifier", 10, 2, tmp_path / "b", tmp_path / "c.h5")
+
+
+def test_jpeg_roundtrip_is_recorded(models_, tmp_path):
+    req = S.allocate(_table(), 2, "uniform", True, seed=3)
+    gp = GuidedSampling(n_per_mode=2, steps=2, shard_size=2, batch_size=2, jpeg_quality=75)
+    S.generate_mode("cfg_baseline", req, models_, gp, tmp_path)
+    ds = S.merge_mode("cfg_baseline", 2, 2, tmp_path, tmp_path / "x.h5")
+    assert (ds.meta["jpeg_quality"] == 75).all() and ds.meta["prompt"][0].startswith("Histology image of")
+
+
+def test_guided_sampling_bad_inputs(models_, tmp_path):
+    req = S.allocate(_table(), 4, "uniform", True, seed=2)
+    # a model folder from another variant: the baseline model never saw morphology-enriched prompts
+    wrong = {**models_, "mep": models_["baseline"]}
+    with pytest.raises(DataError, match="was not in the training prompts of the model"):
+        S.check_mode(wrong, "cfg_mep", req)
+    with pytest.raises(DataError, match="needs the noise-aware prototype classifier"):
+        S.check_mode({k: v for k, v in models_.items() if k != "classifier"}, "classifier", req)
+    bad = S.Request(np.array([0]), np.array([7]), np.array([1]))  # prototype 7 does not exist
+    with pytest.raises(DataError, match="morphology type seven"):
+        S.check_mode(models_, "cfg_mep", bad)
+    with pytest.raises(ParamsError, match="guided_sampling.cfg_scale"):
+        validate({"guided_sampling": {"cfg_scale": -1}})
+    with pytest.raises(ParamsError, match="guided_sampling.n_per_mode"):
+        validate({"guided_sampling": {"n_per_mode": 0}})
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="cannot be written"):
+        S.generate_mode("unguided", req, models_, GuidedSampling(n_per_mode=4), tmp_path / "file" / "sub")

@@ -69,14 +69,17 @@ SMALL_LDM = {**SMALL_PROTO, "ldm_finetune": {
     "n_sample_seeds": 2, "sample_steps": 4}}
 
 
+SMALL_ALL = {**SMALL_LDM, "guided_sampling": {"n_per_mode": 8, "steps": 3, "shard_size": 4, "batch_size": 4}}
+
+
 def test_study_through_dvc_and_papermill(dvc_study):
-    """prototypes and ldm_finetune (with data_prep upstream) on small settings, then a no-op repro."""
+    """data_prep -> prototypes -> ldm_finetune -> guided_sampling on small settings, then a no-op repro."""
     from pathsynth.prototypes.features import SelfTrained
     from pathsynth.prototypes.prompts import mep_prompt
 
     s = dvc_study
-    s.set_params(**SMALL_LDM)
-    run([sys.executable, "-m", "dvc", "repro", "ldm_finetune"], s.root)
+    s.set_params(**SMALL_ALL)
+    run([sys.executable, "-m", "dvc", "repro", "guided_sampling"], s.root)
     m = json.loads((s.root / "metrics" / "prototypes.json").read_text())
     assert m["k"] == 5 and m["extractor_kind"] == "self_trained" and m["seed"] == 18021999
     assert m["n_prompts_mep"] <= 10 and m["n_prompts_baseline"] == 2
@@ -116,4 +119,16 @@ def test_study_through_dvc_and_papermill(dvc_study):
         "step-000010.png", "step-000020.png"]
     for fig in ("vae", "classifier", "loss", "samples"):
         assert (s.root / "reports" / "figures" / f"ldm_finetune_{fig}.png").stat().st_size > 5000
+    # guided_sampling: one image set per mode, complete metadata, hit rates with CIs
+    gm = json.loads((s.root / "metrics" / "guided_sampling.json").read_text())
+    modes = ["unguided", "cfg_baseline", "cfg_mep", "classifier", "cfg_mep_classifier"]
+    assert sorted(gm["prototype_hit_rate"]) == sorted(modes) and gm["n_per_mode"] == 8
+    for mode in modes:
+        ds = read_imageset(s.root / "data" / "guided_sampling" / f"{mode}.h5")
+        assert ds.x.shape == (8, 32, 32, 3) and (ds.meta["guidance_mode"] == mode).all()
+        r = gm["prototype_hit_rate"][mode]
+        assert r["n"] == 8 and r["ci95"][0] <= r["rate"] <= r["ci95"][1]
+    assert gm["morphology_hit_rate"] is not None  # the phantom's ground-truth judge
+    for fig in ("modes", "prototypes", "hit_rate"):
+        assert (s.root / "reports" / "figures" / f"guided_sampling_{fig}.png").stat().st_size > 3000
     assert "Running stage" not in run([sys.executable, "-m", "dvc", "repro"], s.root)

@@ -237,6 +237,31 @@ class LDMFinetune(Strict):
         return self
 
 
+# --------------------------------------------------------------------------------------- sampling
+MODES = ("unguided", "cfg_baseline", "cfg_mep", "classifier", "cfg_mep_classifier")
+
+
+class GuidedSampling(Strict):
+    """Synthetic datasets, one per guidance mode (STUDY.md B.4, A.4).
+
+    unguided: the mep model with the empty prompt; cfg_baseline / cfg_mep: classifier-free guidance on the
+    baseline / morphology-enriched prompts (Osorio et al.); classifier: prototype classifier guidance on
+    the unconditional model (our reading of Redekop et al.); cfg_mep_classifier: both."""
+
+    modes: list[Literal["unguided", "cfg_baseline", "cfg_mep", "classifier", "cfg_mep_classifier"]] = Field(
+        default_factory=lambda: list(MODES))
+    n_per_mode: int = Field(128, ge=1)
+    sampler: Literal["ddim", "dpmsolver++"] = "ddim"
+    steps: int = Field(25, ge=1)
+    cfg_scale: float = Field(3.0, ge=0)  # the paper: 7.5 at SD scale
+    classifier_scale: float = Field(10.0, ge=0)
+    allocation: Literal["uniform", "proportional"] = "uniform"  # over prototypes
+    balance_labels: bool = True
+    shard_size: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1)
+    jpeg_quality: Optional[int] = Field(None, ge=1, le=100)  # e.g. 75: the encoding of pcam_ai4all (4:2:0)
+
+
 class Params(Strict):
     profile: str = "tiny"
     seed: int = 18021999
@@ -246,6 +271,7 @@ class Params(Strict):
     data_prep: DataPrep = DataPrep()
     prototypes: Prototypes = Prototypes()
     ldm_finetune: LDMFinetune = LDMFinetune()
+    guided_sampling: GuidedSampling = GuidedSampling()
 
 
 # --------------------------------------------------------------------------------------- loading
