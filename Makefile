@@ -34,7 +34,7 @@ profile: setup
 	$(BIN)/python -m pathsynth.config use $(PROFILE)
 
 lab: setup
-	$(BIN)/jupyter lab --notebook-dir=notebooks
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean-outputs:
 	rm -rf data/data_prep data/prototypes models/prototypes reports/executed reports/figures plots metrics
