@@ -128,7 +128,7 @@ def train_vae(train_x: np.ndarray, cfg, seed: int, device: str, ckpt_root: Path,
                      device, log_csv, name="vae")
     vae = out["model"].vae
     vae.register_to_config(scaling_factor=1.0)
-    mean, _ = encode(vae, train_x[:2048], None, "cpu")
+    mean, _ = encode(vae, train_x[:2048], None, device)
     vae.register_to_config(scaling_factor=float(1.0 / mean.std()))  # as SD's 0.18215: unit-variance latents
     return vae, out
 

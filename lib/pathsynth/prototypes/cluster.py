@@ -39,12 +39,15 @@ def fit_kmeans(features: np.ndarray, k: int, n_init: int, seed: int) -> KMeans:
     return KMeans(n_clusters=k, n_init=n_init, random_state=seed % 2**32).fit(features)
 
 
+def distances(centroids: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distance of every feature to every centroid, [N, K], one centroid at a time
+    (no [N, K, D] temporary: 16k x 33 x 384 would be 800 MB)."""
+    return np.stack([((features - c) ** 2).sum(1) for c in centroids], 1)
+
+
 def assign(centroids: np.ndarray, features: np.ndarray) -> np.ndarray:
-    """Nearest centroid (Euclidean), the k-means assignment rule, for any split or synthetic set."""
-    d = ((features[:, None, :] - centroids[None]) ** 2).sum(-1) if len(features) * len(centroids) < 5e6 else None
-    if d is None:
-        d = np.stack([((features - c) ** 2).sum(1) for c in centroids], 1)
-    return d.argmin(1)
+    """Nearest centroid, the k-means assignment rule, for any split or synthetic set."""
+    return distances(centroids, features).argmin(1)
 
 
 def s_dbw(features: np.ndarray, labels: np.ndarray) -> float:

@@ -34,6 +34,13 @@ def save_extractor(backbone: torch.nn.Module, cfg: Dino, image_size: int, folder
     return folder
 
 
+def _in_batches(images: np.ndarray, batch_size: int, fn, progress=None) -> np.ndarray:
+    """fn over uint8 batches, with progress, stacked into one float array."""
+    starts = range(0, len(images), batch_size)
+    it = progress(starts, desc="features", unit="batch") if progress else starts
+    return torch.cat([fn(images[s:s + batch_size]).float().cpu() for s in it]).numpy()
+
+
 class SelfTrained:
     """The study's DINO backbone; features = CLS token of ImageNet-normalised [0,1] pixels."""
 
@@ -60,12 +67,12 @@ class SelfTrained:
     @torch.no_grad()
     def __call__(self, images: np.ndarray, batch_size: int = 256, device: str = "cpu", progress=None) -> np.ndarray:
         self.backbone.to(device)
-        out = []
-        starts = range(0, len(images), batch_size)
-        for s in (progress(starts, desc="features", unit="batch") if progress else starts):
-            x = torch.from_numpy(images[s:s + batch_size]).to(device).permute(0, 3, 1, 2).float().div_(255.0)
-            out.append(self.backbone(normalise(x)).float().cpu())
-        return torch.cat(out).numpy()
+
+        def cls(batch):
+            x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+            return self.backbone(normalise(x))
+
+        return _in_batches(images, batch_size, cls, progress)
 
 
 class Pretrained:
@@ -90,14 +97,13 @@ class Pretrained:
     @torch.no_grad()
     def __call__(self, images: np.ndarray, batch_size: int = 92, device: str = "cpu", progress=None) -> np.ndarray:
         self.model.to(device)
-        out = []
-        starts = range(0, len(images), batch_size)
-        for s in (progress(starts, desc="features", unit="batch") if progress else starts):
+
+        def cls(batch):
             # uint8 input: the processor's rescale (1/255) is then applied exactly once
-            inputs = self.processor(images=list(images[s:s + batch_size]), return_tensors="pt")
-            h = self.model(pixel_values=inputs["pixel_values"].to(device)).last_hidden_state
-            out.append(h[:, 0].float().cpu())
-        return torch.cat(out).numpy()
+            inputs = self.processor(images=list(batch), return_tensors="pt")
+            return self.model(pixel_values=inputs["pixel_values"].to(device)).last_hidden_state[:, 0]
+
+        return _in_batches(images, batch_size, cls, progress)
 
 
 def data_fingerprint(images: np.ndarray) -> str:
