@@ -61,6 +61,44 @@ def test_unet_loss_falls_on_a_fixed_batch(tmp_path):
     assert last < 0.7 * first, (first, last)
 
 
+def test_min_snr_weighting_follows_the_paper_formula():
+    """Min-SNR-gamma (Hang et al. 2023), epsilon prediction: weight = min(SNR, gamma) / SNR with
+    SNR = alpha_bar / (1 - alpha_bar), alpha_bar from SD's scaled-linear betas computed here by hand."""
+    sched = models.noise_scheduler()
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    t = torch.tensor([0, 10, 100, 500, 999])
+    snr = alpha_bar[t] / (1 - alpha_bar[t])
+    expect = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr
+    assert torch.allclose(T.min_snr_weights(sched, t, 5.0).double(), expect, rtol=1e-4)
+    # in the task: a huge gamma is plain MSE; a small one lowers the loss (low-noise samples weigh less)
+    tok, te, unet, _ = tiny_parts()
+    batch = {"mean": latents(8)[0], "std": torch.zeros(8, 4, 8, 8), "ids": models.tokenize(tok, PROMPTS[:8])}
+    empty = models.tokenize(tok, [""])[0]
+    with torch.no_grad():
+        loss = {gamma: float(T.LDMTask(unet, te, True, sched, 0.0, empty, snr_gamma=gamma)(
+            batch, torch.Generator().manual_seed(3))) for gamma in (None, 1e9, 0.01)}
+    assert loss[1e9] == pytest.approx(loss[None], rel=1e-5)
+    assert loss[0.01] < loss[None]
+
+
+def test_vae_random_crops_are_subimages_and_bad_sizes_are_errors(tmp_path):
+    x = torch.arange(3 * 16 * 16 * 3, dtype=torch.int32).reshape(3, 16, 16, 3)
+    g = torch.Generator().manual_seed(0)
+    crops = T.random_crops(x, 8, g)
+    assert crops.shape == (3, 8, 8, 3)
+    for i in range(3):
+        r, c = np.argwhere((x[i] == crops[i, 0, 0]).all(-1).numpy())[0]
+        assert torch.equal(crops[i], x[i, r:r + 8, c:c + 8])
+    cfg = LP.vae.model_copy(update={"crop_size": 10, "train": loop(steps=1)})
+    with pytest.raises(ValueError, match="crop_size 10 must be .* multiple of the VAE's downsampling factor 4"):
+        T.train_vae(np.zeros((8, 16, 16, 3), np.uint8), cfg, 0, "cpu", tmp_path, tmp_path / "l.csv", "fp")
+    cfg = LP.vae.model_copy(update={"crop_size": 8, "train": loop(steps=2, batch_size=4)})
+    vae, out = T.train_vae(np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3), dtype=np.uint8), cfg, 0, "cpu",
+                           tmp_path, tmp_path / "l.csv", "fp")
+    assert out["steps"] == 2 and vae.config.scaling_factor > 0
+
+
 def test_pipeline_roundtrip_through_plain_diffusers(tmp_path):
     from diffusers import StableDiffusionPipeline
 

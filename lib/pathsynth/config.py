@@ -187,6 +187,7 @@ class VAEParams(Strict):
     layers_per_block: int = 1
     latent_channels: int = 4
     kl_weight: float = 1e-6
+    crop_size: Optional[int] = Field(None, ge=8)  # train on random crops of this side (whole patches are encoded); null = whole
     train: Loop = Loop(steps=300, batch_size=32, lr=1e-3, ema_decay=None)
 
 
@@ -218,6 +219,7 @@ class LDMFinetune(Strict):
     variants: list[Literal["baseline", "mep"]] = Field(default_factory=lambda: ["baseline", "mep"])
     use_balanced_subset: bool = True  # train the UNet on the prompt-balanced subset (reference code)
     cond_dropout: float = Field(0.1, ge=0, lt=1)  # empty prompt this often, for classifier-free guidance
+    snr_gamma: Optional[float] = Field(None, gt=0)  # Min-SNR loss weighting (diffusers example: 5.0); null = plain MSE
     train_text_encoder: bool = True  # scratch only: the in-code CLIP text encoder is trained with the UNet
     vae: VAEParams = VAEParams()
     unet: UNetParams = UNetParams()
