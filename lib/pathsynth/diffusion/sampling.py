@@ -4,8 +4,12 @@ Every image has its own seed (``derive_seed(seed, "guided_sampling", index)``, t
 same seed in every mode, so grids compare modes on equal noise). Images are generated in shards of
 ``shard_size``; a shard is written atomically to ``checkpoints/guided_sampling/<run>/<mode>/``, so a
 killed run continues with the first missing shard, and because an image depends only on its seed,
-sharded output equals unsharded output. With several processes (accelerate), shard i is made by
-process i mod N. The shards are merged into ``data/guided_sampling/<mode>.h5`` at the end.
+sharded output equals unsharded output. With several processes, shard i is made by process i mod N:
+
+    accelerate launch -m pathsynth.diffusion.sampling     # several GPUs (torchrun works for CPU processes)
+    dvc repro guided_sampling                             # finds every shard made, merges, measures
+
+The shards are merged into ``data/guided_sampling/<mode>.h5`` at the end.
 """
 from __future__ import annotations
 
@@ -193,3 +197,40 @@ def check_mode(models_: dict, mode: str, req: Request) -> None:
     if MODE_SPEC[mode][3] and "classifier" not in models_:
         raise DataError(f"models/ldm_finetune/prototype_classifier is missing: mode '{mode}' needs the "
                         "noise-aware prototype classifier")
+
+
+def plan(root: Path, params, device: str):
+    """What the guided_sampling stage makes, checked before any compute: the prompt table (train split),
+    the request per image, the models of every mode and the shard folder of this run."""
+    gp = params.guided_sampling
+    table = pd.read_csv(root / "data" / "prototypes" / "prompts_train.csv")
+    models_ = load_models(root / "models" / "ldm_finetune", {MODE_SPEC[m][0] for m in gp.modes}, device)
+    req = allocate(table[table.in_balanced_subset], gp.n_per_mode, gp.allocation, gp.balance_labels, params.seed)
+    for mode in gp.modes:
+        check_mode(models_, mode, req)  # every prompt known to its model, classifier present
+    return table, req, models_, shard_dir(root, gp, params.seed)
+
+
+def main() -> int:
+    """Make this process's share of the shards of every mode (``accelerate launch -m pathsynth.diffusion.sampling``)."""
+    from accelerate import PartialState
+
+    from ..runtime import progress, start_stage
+
+    state = PartialState()
+    ctx = start_stage("guided_sampling")
+    device = str(state.device) if ctx.device != "cpu" else "cpu"
+    _, req, models_, run_dir = plan(ctx.root, ctx.params, device)
+    for mode in ctx.params.guided_sampling.modes:
+        t = generate_mode(mode, req, models_, ctx.params.guided_sampling, run_dir, device, state.process_index,
+                          state.num_processes, progress=progress)
+        print(f"process {state.process_index}/{state.num_processes} {mode}: {t['images_made']} images made "
+              f"in {t['seconds']:.1f} s", flush=True)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        print(f"shards in {run_dir}; `dvc repro guided_sampling` merges them")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
