@@ -99,6 +99,17 @@ def test_vae_random_crops_are_subimages_and_bad_sizes_are_errors(tmp_path):
     assert out["steps"] == 2 and vae.config.scaling_factor > 0
 
 
+def test_sampling_settings_do_not_invalidate_unet_checkpoints():
+    h = T.unet_run_hash("mep", LP, 0, "fp", PROMPTS)
+    same = LP.model_copy(update={"sample_guidance": 7.5, "n_sample_seeds": 8,
+                                 "train": LP.train.model_copy(update={"sample_every": 7, "log_every": 3})})
+    assert T.unet_run_hash("mep", same, 0, "fp", PROMPTS) == h
+    other = LP.model_copy(update={"train": LP.train.model_copy(update={"lr": 1e-3})})
+    assert T.unet_run_hash("mep", other, 0, "fp", PROMPTS) != h
+    assert T.unet_run_hash("mep", LP.model_copy(update={"snr_gamma": 5.0}), 0, "fp", PROMPTS) != h
+    assert T.unet_run_hash("baseline", LP, 0, "fp", PROMPTS) != h
+
+
 def test_pipeline_roundtrip_through_plain_diffusers(tmp_path):
     from diffusers import StableDiffusionPipeline
 

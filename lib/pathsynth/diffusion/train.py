@@ -188,6 +188,17 @@ def build_text_side(regime: str, params, prompts: list[str], pretrained: dict | 
     return tok, models.build_text_encoder(params.text_encoder, tok)
 
 
+# settings that only change what is drawn or logged, not the trained weights: changing them must not
+# invalidate finished checkpoints
+_NOT_TRAINING = {"sample_steps": True, "sample_guidance": True, "n_sample_seeds": True, "classifier": True,
+                 "variants": True, "train": {"sample_every", "log_every", "checkpoint_every", "keep_checkpoints"}}
+
+
+def unet_run_hash(variant: str, lp, seed: int, fingerprint: str, prompts: list[str]) -> str:
+    return params_hash({"variant": variant, "ldm": lp.model_dump(mode="json", exclude=_NOT_TRAINING), "seed": seed,
+                        "data": fingerprint, "prompts": params_hash({"p": prompts})})
+
+
 def train_unet(variant: str, latents: tuple, prompts: list[str], tokenizer, text_encoder, unet, lp, seed: int,
                device: str, ckpt_root: Path, log_csv: Path, fingerprint: str, train_text_encoder: bool,
                on_sample=None):
@@ -195,8 +206,7 @@ def train_unet(variant: str, latents: tuple, prompts: list[str], tokenizer, text
     ids = models.tokenize(tokenizer, prompts)
     empty = models.tokenize(tokenizer, [""])[0]
     task = LDMTask(unet, text_encoder, train_text_encoder, scheduler, lp.cond_dropout, empty, lp.snr_gamma)
-    run = params_hash({"variant": variant, "ldm": lp.model_dump(mode="json"), "seed": seed, "data": fingerprint,
-                       "prompts": params_hash({"p": prompts})})
+    run = unet_run_hash(variant, lp, seed, fingerprint, prompts)
     out = train_loop(task, {"mean": latents[0], "std": latents[1], "ids": ids}, lp.train, ckpt_root / f"unet-{variant}-{run}",
                      run, seed, device, log_csv, name=f"unet[{variant}]", on_sample=on_sample)
     return out
