@@ -217,9 +217,9 @@ def main() -> int:
 
     from ..runtime import progress, start_stage
 
-    state = PartialState()
     ctx = start_stage("guided_sampling")
-    device = str(state.device) if ctx.device != "cpu" else "cpu"
+    state = PartialState(cpu=ctx.device == "cpu")  # cpu=True: CPU processes under torchrun form a gloo group
+    device = "cpu" if ctx.device == "cpu" else str(state.device)
     _, req, models_, run_dir = plan(ctx.root, ctx.params, device)
     for mode in ctx.params.guided_sampling.modes:
         t = generate_mode(mode, req, models_, ctx.params.guided_sampling, run_dir, device, state.process_index,
