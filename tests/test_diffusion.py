@@ -156,6 +156,25 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
         train_loop(make(), data, cfg, tmp_path / "killed", "other-hash", seed=1)
 
 
+def test_loss_log_survives_a_rerun_that_resumes_a_finished_run(tmp_path):
+    """DVC deletes a stage's CSV outputs before rerunning it; the run resumes from its final checkpoint
+    and must write the whole loss log again."""
+    def once():
+        torch.manual_seed(0)
+        task = ClassifierTask(NoisyLatentClassifier(num_classes=3, channels=(8, 16), time_dim=16), models.noise_scheduler())
+        data = {"mean": latents(16)[0], "std": latents(16)[1], "prototype": torch.arange(16) % 3}
+        return train_loop(task, data, loop(steps=6, checkpoint_every=3), tmp_path / "ck", "h", seed=0,
+                          log_csv=tmp_path / "loss.csv")
+    first = once()
+    rows = pd.read_csv(tmp_path / "loss.csv")
+    assert rows.step.tolist() == [1, 2, 3, 4, 5, 6]
+    (tmp_path / "loss.csv").unlink()
+    again = once()
+    assert again["resumed_from"] == 6
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "loss.csv"), rows)
+    assert again["history"] == first["history"]
+
+
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
     class Bad(Task):
         def __init__(self):

@@ -88,23 +88,28 @@ def check_finite(loss: float, step: int, last_good: Path | None) -> None:
 
 
 class CSVLog:
-    """Append-only CSV (one row per logged step); on resume, rows past the resumed step are dropped."""
+    """One row per logged step. The rows also travel in the checkpoints (``rows``), so a resumed run
+    rewrites the whole file even where the file itself is gone (DVC deletes a stage's outputs before
+    rerunning it). Without saved rows, rows of the file past the resumed step are dropped."""
 
-    def __init__(self, path: Path, fields: list[str], resume_step: int = 0):
+    def __init__(self, path: Path, fields: list[str], resume_step: int = 0, rows: list[dict] | None = None):
         self.path, self.fields = Path(path), fields
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        rows = []
-        if resume_step and self.path.is_file():
-            with open(self.path) as f:
-                rows = [r for r in csv.DictReader(f) if int(float(r["step"])) <= resume_step]
+        if rows is None:
+            rows = []
+            if resume_step and self.path.is_file():
+                with open(self.path) as f:
+                    rows = [r for r in csv.DictReader(f) if int(float(r["step"])) <= resume_step]
+        self.rows = [{k: r.get(k) for k in fields} for r in rows]
         with open(self.path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
-            w.writerows(rows)
+            w.writerows(self.rows)
 
     def write(self, **row) -> None:
+        self.rows.append({k: row.get(k) for k in self.fields})
         with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.fields).writerow({k: row.get(k) for k in self.fields})
+            csv.DictWriter(f, fieldnames=self.fields).writerow(self.rows[-1])
 
 
 # ============================================================================ THE training loop
@@ -174,7 +179,7 @@ def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: 
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, foreach=True) if cfg.ema_decay else None
 
     ckpt = Checkpoints(out_dir, run_hash, keep=cfg.keep_checkpoints)
-    start, history = 0, []
+    start, history, log_rows = 0, [], None
     last = ckpt.latest()
     if last is not None:
         st = Checkpoints.load(last)
@@ -184,13 +189,14 @@ def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: 
         if ema is not None:
             ema.load_state_dict(st["ema"])
         set_rng_state(st["rng"])
-        start, history = st["step"], st["history"]
+        start, history, log_rows = st["step"], st["history"], st.get("log_rows")
         log.info(f"{name}: resumed from {last} (step {start}/{cfg.steps})")
     model, opt = acc.prepare(model, opt)
     task.prepare(acc.device, weight_dtype)
     if ema is not None:
         ema.to(acc.device)
-    csv_log = CSVLog(log_csv, ["step", "loss", "lr", "images_per_s"], resume_step=start) if log_csv else None
+    csv_log = CSVLog(log_csv, ["step", "loss", "lr", "images_per_s"], resume_step=start,
+                     rows=log_rows) if log_csv else None
     rate = RateLogger(cfg.steps, name)
     train_time, images_done, window = 0.0, 0, []
     batches = _BatchStream(n, global_batch, seed)
@@ -239,7 +245,8 @@ def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: 
         if (done % cfg.checkpoint_every == 0 or done == cfg.steps) and acc.is_main_process:
             ckpt.save(done, {"model": acc.unwrap_model(model).state_dict(), "opt": opt.state_dict(),
                              "sched": sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                             "rng": rng_state(), "step": done, "history": history})
+                             "rng": rng_state(), "step": done, "history": history,
+                             "log_rows": csv_log.rows if csv_log else None})
         acc.wait_for_everyone()
     final = acc.unwrap_model(model)
     if ema is not None:

@@ -198,20 +198,20 @@ def train_dino(images: np.ndarray, cfg: Dino, out_dir: Path, seed: int, device: 
     mom_s = cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, steps_per_epoch)
 
     ckpt = Checkpoints(out_dir, params_hash({"dino": cfg.model_dump(mode="json"), "seed": seed, "n": n, "size": size}))
-    start_epoch, history = 0, []
+    start_epoch, history, log_rows = 0, [], None
     last = ckpt.latest()
     if last is not None:
         st = Checkpoints.load(last)
         student.load_state_dict(st["student"]), teacher.load_state_dict(st["teacher"])
         opt.load_state_dict(st["opt"]), loss_fn.load_state_dict(st["loss"])
         set_rng_state(st["rng"])
-        start_epoch, history = st["epoch"] + 1, st["history"]
+        start_epoch, history, log_rows = st["epoch"] + 1, st["history"], st.get("log_rows")
         log.info(f"DINO: resumed from {last} (epoch {start_epoch}/{cfg.epochs})")
     student, opt = acc.prepare(student, opt)
     dev = acc.device
     teacher, loss_fn = teacher.to(dev), loss_fn.to(dev)  # no gradients: not wrapped for DDP
     csv_log = CSVLog(plots_csv, ["step", "epoch", "loss", "lr", "wd", "momentum", "teacher_entropy",
-                                 "batch_entropy"], resume_step=start_epoch * steps_per_epoch) if plots_csv else None
+                                 "batch_entropy"], resume_step=start_epoch * steps_per_epoch, rows=log_rows) if plots_csv else None
     monitor = CollapseMonitor(cfg.out_dim)
     rate = RateLogger(total, "dino")
     x_all = torch.from_numpy(images)
@@ -263,7 +263,8 @@ def train_dino(images: np.ndarray, cfg: Dino, out_dir: Path, seed: int, device: 
             ckpt.save(epoch, {"student": acc.unwrap_model(student).state_dict(),
                               "teacher": teacher.state_dict(),
                               "opt": opt.state_dict(), "loss": loss_fn.state_dict(),
-                              "rng": rng_state(), "epoch": epoch, "history": history})
+                              "rng": rng_state(), "epoch": epoch, "history": history,
+                              "log_rows": csv_log.rows if csv_log else None})
         acc.wait_for_everyone()
     backbone = teacher.backbone.eval()
     return {"backbone": backbone, "student": acc.unwrap_model(student).eval(), "teacher": teacher.eval(),
