@@ -12,7 +12,7 @@ from pathsynth.data.dataset import DataError, ImageSet
 from pathsynth.diffusion import models, train as T
 from pathsynth.diffusion.classifier import ClassifierTask, NoisyLatentClassifier, accuracy_by_noise
 from pathsynth.prototypes.prompts import baseline_prompt, mep_prompt
-from pathsynth.training import Task, TrainingError, train_loop
+from pathsynth.training import Task, TrainingError, params_hash, train_loop
 
 PROMPTS = [mep_prompt(y, c) for y in (0, 1) for c in range(3)] + [baseline_prompt(0), baseline_prompt(1)]
 LP = LDMFinetune(text_encoder={"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_length": 16},
@@ -108,6 +108,11 @@ def test_sampling_settings_do_not_invalidate_unet_checkpoints():
     assert T.unet_run_hash("mep", other, 0, "fp", PROMPTS) != h
     assert T.unet_run_hash("mep", LP.model_copy(update={"snr_gamma": 5.0}), 0, "fp", PROMPTS) != h
     assert T.unet_run_hash("baseline", LP, 0, "fp", PROMPTS) != h
+    # the loop's cadence is left out at any depth, for every model (VAE, classifier, DINO)
+    vae = LP.vae.model_dump()
+    later = {**vae, "train": {**vae["train"], "checkpoint_every": 7, "keep_checkpoints": 5}}
+    assert params_hash({"vae": later}) == params_hash({"vae": vae})
+    assert params_hash({"vae": {**vae, "train": {**vae["train"], "steps": 7}}}) != params_hash({"vae": vae})
 
 
 def test_pipeline_roundtrip_through_plain_diffusers(tmp_path):

@@ -24,10 +24,22 @@ class TrainingError(RuntimeError):
     pass
 
 
+# when the loop logs, saves or draws samples, not what it learns: left out of run hashes, so changing
+# them does not invalidate finished checkpoints
+CADENCE = frozenset({"log_every", "checkpoint_every", "keep_checkpoints", "sample_every"})
+
+
+def _without_cadence(data):
+    if isinstance(data, dict):
+        return {k: _without_cadence(v) for k, v in data.items() if k not in CADENCE}
+    return data
+
+
 def params_hash(obj) -> str:
-    """Stable hash of the settings that define a run (a pydantic model or a JSON-able dict)."""
+    """Stable hash of the settings that define a run (a pydantic model or a JSON-able dict), at any
+    depth without the loop's cadence settings (``CADENCE``)."""
     data = obj.model_dump(mode="json") if hasattr(obj, "model_dump") else obj
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(_without_cadence(data), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def rng_state() -> dict:

@@ -46,7 +46,7 @@ def sample_latents(unet, text_encoder, tokenizer, scheduler, prompts, seeds, ste
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     with torch.no_grad():
         cond = text_encoder(models.tokenize(tokenizer, prompts).to(device))[0]
-        uncond = text_encoder(models.tokenize(tokenizer, [""] * n).to(device))[0]
+        uncond = text_encoder(models.tokenize(tokenizer, [""] * n).to(device))[0] if cfg_scale != 1.0 else None
     scheduler.set_timesteps(steps, device=device)
     z = initial_latents(seeds, shape, device) * scheduler.init_noise_sigma
     alphas = scheduler.alphas_cumprod.to(device)

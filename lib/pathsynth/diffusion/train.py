@@ -150,9 +150,10 @@ class LDMTask(Task):
 def train_vae(train_x: np.ndarray, cfg, seed: int, device: str, ckpt_root: Path, log_csv: Path, fingerprint: str):
     torch.manual_seed(seed)
     vae = models.build_vae(cfg)
-    if cfg.crop_size and (cfg.crop_size > train_x.shape[1] or cfg.crop_size % 2 ** (len(cfg.block_out_channels) - 1)):
+    factor = 2 ** (len(cfg.block_out_channels) - 1)
+    if cfg.crop_size and (cfg.crop_size > train_x.shape[1] or cfg.crop_size % factor):
         raise ValueError(f"ldm_finetune.vae.crop_size {cfg.crop_size} must be at most the image size {train_x.shape[1]} "
-                         f"and a multiple of the VAE's downsampling factor {2 ** (len(cfg.block_out_channels) - 1)}")
+                         f"and a multiple of the VAE's downsampling factor {factor}")
     task = VAETask(vae, cfg.kl_weight, cfg.crop_size)
     run = params_hash({"vae": cfg.model_dump(mode="json"), "seed": seed, "data": fingerprint})
     out = train_loop(task, {"x": torch.from_numpy(train_x)}, cfg.train, ckpt_root / f"vae-{run}", run, seed,
@@ -188,14 +189,13 @@ def build_text_side(regime: str, params, prompts: list[str], pretrained: dict | 
     return tok, models.build_text_encoder(params.text_encoder, tok)
 
 
-# settings that only change what is drawn or logged, not the trained weights: changing them must not
-# invalidate finished checkpoints
-_NOT_TRAINING = {"sample_steps": True, "sample_guidance": True, "n_sample_seeds": True, "classifier": True,
-                 "variants": True, "train": {"sample_every", "log_every", "checkpoint_every", "keep_checkpoints"}}
+# ldm_finetune settings that do not change the UNet's weights (sample grids, the other models, which variants run);
+# the loop's cadence settings are left out by params_hash itself
+_NOT_UNET = {"sample_steps", "sample_guidance", "n_sample_seeds", "classifier", "variants"}
 
 
 def unet_run_hash(variant: str, lp, seed: int, fingerprint: str, prompts: list[str]) -> str:
-    return params_hash({"variant": variant, "ldm": lp.model_dump(mode="json", exclude=_NOT_TRAINING), "seed": seed,
+    return params_hash({"variant": variant, "ldm": lp.model_dump(mode="json", exclude=_NOT_UNET), "seed": seed,
                         "data": fingerprint, "prompts": params_hash({"p": prompts})})
 
 
