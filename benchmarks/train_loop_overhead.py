@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pathsynth.config import LDMFinetune, Loop
+from pathsynth.config import defaults, section
 from pathsynth.diffusion import models, train as T
 from pathsynth.prototypes.prompts import mep_prompt
 from pathsynth.training import train_loop
 
 
 def setup(n=256, seed=0):
-    lp = LDMFinetune()
+    lp = defaults().ldm_finetune  # profiles/defaults.yaml, as the tiny profile
     prompts = [mep_prompt(i % 2, i % 8) for i in range(n)]
     tok = models.build_tokenizer(sorted(set(prompts)) + [""], lp.text_encoder.max_length)
     torch.manual_seed(seed)
@@ -63,8 +63,8 @@ def bare(steps, batch, device):
 def ours(steps, batch, device):
     lp, tok, te, unet, data = setup()
     task = T.LDMTask(unet, te, True, models.noise_scheduler(), lp.cond_dropout, models.tokenize(tok, [""])[0])
-    cfg = Loop(steps=steps, batch_size=batch, lr=5e-4, ema_decay=0.99, clip_grad=1.0, log_every=10,
-               checkpoint_every=10 ** 9)
+    cfg = section("ldm_finetune.train", steps=steps, batch_size=batch, lr=5e-4, ema_decay=0.99, clip_grad=1.0,
+                  warmup_steps=0, log_every=10, checkpoint_every=10 ** 9, sample_every=0)
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         out = train_loop(task, data, cfg, Path(d), "bench", seed=0, device=device, log_csv=Path(d) / "log.csv")

@@ -53,3 +53,22 @@ def test_unreadable_params_file(tmp_path):
         config.load(p)
     with pytest.raises(config.ParamsError, match="file not found"):
         config.load(tmp_path / "nope.yaml")
+
+
+def test_values_have_one_source_profiles_defaults_yaml():
+    """The schema holds types and bounds only: every field is required, so every value comes from
+    profiles/defaults.yaml (merged under any params file). Two sources that disagree cannot come back."""
+    import inspect
+
+    models = [c for _, c in inspect.getmembers(config, inspect.isclass)
+              if issubclass(c, config.Strict) and c is not config.Strict]
+    assert len(models) >= 12
+    with_values = [f"{m.__name__}.{n}" for m in models for n, f in m.model_fields.items() if not f.is_required()]
+    assert with_values == []
+    d = config.defaults()
+    raw = config._read_yaml(config.DEFAULTS)
+    assert d.prototypes.k == raw["prototypes"]["k"] and d.prototypes.dino.momentum_teacher == raw["prototypes"]["dino"]["momentum_teacher"]
+    # a params file may leave settings out: they come from defaults.yaml
+    p = config.validate({"prototypes": {"k": 5}})
+    assert p.prototypes.k == 5 and p.prototypes.dino == d.prototypes.dino
+    assert config.section("ldm_finetune.train", steps=7) == d.ldm_finetune.train.model_copy(update={"steps": 7})

@@ -7,7 +7,11 @@ import pytest
 from PIL import Image
 
 from pathsynth import config, runtime
-from pathsynth.config import FilterParams
+from pathsynth.config import section
+
+
+def FilterParams(**kw):
+    return section("data_prep.filter", **kw)
 from pathsynth.data import npz, pcam, phantom
 from pathsynth.data.dataset import DataError, ImageSet, read_imageset, write_imageset
 from pathsynth.data.filters import filter_features, image_features

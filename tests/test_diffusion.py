@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pathsynth.config import LDMFinetune, Loop
+from pathsynth.config import section
 from pathsynth.data.dataset import DataError, ImageSet
 from pathsynth.diffusion import models, train as T
 from pathsynth.diffusion.classifier import ClassifierTask, NoisyLatentClassifier, accuracy_by_noise
@@ -15,13 +15,13 @@ from pathsynth.prototypes.prompts import baseline_prompt, mep_prompt
 from pathsynth.training import Task, TrainingError, params_hash, train_loop
 
 PROMPTS = [mep_prompt(y, c) for y in (0, 1) for c in range(3)] + [baseline_prompt(0), baseline_prompt(1)]
-LP = LDMFinetune(text_encoder={"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_length": 16},
-                 unet={"block_out_channels": [16, 32], "attention_head_dim": 4})
+LP = section("ldm_finetune", text_encoder={"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_length": 16},
+             unet={"block_out_channels": [16, 32], "attention_head_dim": 4})
 
 
 def loop(**kw):
     base = dict(steps=6, batch_size=8, lr=1e-3, ema_decay=None, log_every=1, checkpoint_every=2)
-    return Loop(**{**base, **kw})
+    return section("ldm_finetune.vae.train", **{"weight_decay": 0.01, **base, **kw})
 
 
 def tiny_parts(seed=0):

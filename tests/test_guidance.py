@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pathsynth.config import Loop
+from pathsynth.config import section
 from pathsynth.diffusion import guidance, models
 from pathsynth.diffusion import train as T
 from pathsynth.diffusion.classifier import ClassifierTask, NoisyLatentClassifier
@@ -51,7 +51,8 @@ def test_classifier_guidance_raises_the_hit_rate(parts, tmp_path):
     torch.manual_seed(0)
     task = ClassifierTask(NoisyLatentClassifier(num_classes=3, channels=(16, 32), time_dim=16), models.noise_scheduler())
     clf = train_loop(task, {"mean": mean, "std": torch.zeros_like(mean), "prototype": y},
-                     Loop(steps=150, batch_size=40, lr=2e-3, ema_decay=None, log_every=50, checkpoint_every=1000),
+                     section("ldm_finetune.vae.train", weight_decay=0.01, steps=150, batch_size=40, lr=2e-3, ema_decay=None, log_every=50,
+                             checkpoint_every=1000),
                      tmp_path, "h", seed=0)["model"].model.eval()
     targets = np.arange(24) % 3
     seeds = list(range(100, 124))
@@ -81,7 +82,11 @@ def test_bad_guidance_inputs(parts):
 # ------------------------------------------------------------------ the guided_sampling stage's machinery
 import pandas as pd  # noqa: E402
 
-from pathsynth.config import GuidedSampling, ParamsError, validate  # noqa: E402
+from pathsynth.config import ParamsError, validate  # noqa: E402
+
+
+def GuidedSampling(**kw):
+    return section("guided_sampling", **kw)
 from pathsynth.data.dataset import DataError  # noqa: E402
 from pathsynth.diffusion import sampling as S  # noqa: E402
 from pathsynth.prototypes.prompts import prompt_table  # noqa: E402
@@ -100,9 +105,10 @@ def models_(parts):
     base = {"unet": unet, "text_encoder": te, "tokenizer": tok, "vae": vae,
             "train_scheduler_config": models.noise_scheduler().config}
     torch.manual_seed(0)
-    return {"mep": {**base, "prompts": set(t.prompt_mep) | {""}},
-            "baseline": {**base, "prompts": set(t.prompt_baseline) | {""}},
-            "classifier": NoisyLatentClassifier(num_classes=3, channels=(8, 16), time_dim=16).eval()}
+    return {"mep": {**base, "prompts": set(t.prompt_mep) | {""}, "digest": "mep-model"},
+            "baseline": {**base, "prompts": set(t.prompt_baseline) | {""}, "digest": "baseline-model"},
+            "classifier": NoisyLatentClassifier(num_classes=3, channels=(8, 16), time_dim=16).eval(),
+            "classifier_digest": "classifier-model"}
 
 
 def test_allocation_covers_prototypes_and_balances_labels():
@@ -111,10 +117,96 @@ def test_allocation_covers_prototypes_and_balances_labels():
     again = S.allocate(_table(), 12, "uniform", True, seed=1)
     np.testing.assert_array_equal(req.seed, again.seed)
     assert len(set(req.seed.tolist())) == 12
-    prop = S.allocate(_table(), 30, "proportional", False, seed=1)
-    assert set(prop.prototype) <= {0, 1, 2}
     with pytest.raises(ValueError, match="n_per_mode must be > 0"):
         S.allocate(_table(), 0, "uniform", True, 1)
+
+
+def _even_table():
+    """Four prototypes, each seen with both labels: an even number of prototypes is where the old
+    allocation (prototype i mod K, label i mod 2) tied every label to half of the prototypes."""
+    t = prompt_table(np.array([0, 1] * 4 + [0] * 4), np.array([0, 0, 1, 1, 2, 2, 3, 3, 0, 1, 2, 3]))
+    t["in_balanced_subset"] = True
+    return t
+
+
+def test_allocation_requests_every_label_prototype_pair_and_does_not_tie_them():
+    t = _even_table()
+    req = S.allocate(t, 16, "uniform", True, seed=1)
+    asked = set(zip(req.label.tolist(), req.prototype.tolist()))
+    assert asked == set(zip(t.label.tolist(), t.prototype.tolist())) == {(c, k) for c in (0, 1) for k in range(4)}
+    assert np.bincount(req.prototype).tolist() == [4, 4, 4, 4] and req.label.mean() == 0.5
+    # only pairs that exist: a prototype never seen with label 1 is never asked for with label 1
+    t2 = prompt_table(np.array([0, 0, 1, 0]), np.array([0, 1, 1, 2]))
+    t2["in_balanced_subset"] = True
+    for alloc in ("uniform", "proportional"):
+        for bal in (True, False):
+            r = S.allocate(t2, 40, alloc, bal, seed=3)
+            assert set(zip(r.label.tolist(), r.prototype.tolist())) <= {(0, 0), (0, 1), (1, 1), (0, 2)}
+    r = S.allocate(t2, 40, "uniform", False, seed=3)
+    assert np.bincount(r.prototype).tolist() == [10, 20, 10]  # pairs in turn: prototype 1 has two
+
+
+def test_proportional_allocation_follows_the_pair_frequencies():
+    t = prompt_table(np.array([0] * 6 + [1] * 2), np.array([0, 0, 0, 0, 0, 1, 1, 1]))
+    t["in_balanced_subset"] = True
+    r = S.allocate(t, 4000, "proportional", False, seed=5)
+    share = {(c, k): np.mean((r.label == c) & (r.prototype == k)) for c, k in ((0, 0), (0, 1), (1, 1))}
+    assert abs(share[(0, 0)] - 5 / 8) < 0.03 and abs(share[(0, 1)] - 1 / 8) < 0.03 and abs(share[(1, 1)] - 2 / 8) < 0.03
+    rb = S.allocate(t, 4000, "proportional", True, seed=5)
+    assert rb.label.mean() == 0.5 and (rb.prototype[rb.label == 1] == 1).all()
+    assert abs(np.mean(rb.prototype[rb.label == 0] == 0) - 5 / 6) < 0.03
+
+
+def test_chance_hit_rate_follows_the_allocation():
+    real = np.array([0] * 6 + [1] * 3 + [2] * 1)  # q = 0.6, 0.3, 0.1
+    assert S.chance_hit_rate(np.array([0, 1, 2] * 5), real) == pytest.approx(1 / 3)  # uniform over all K: 1/K
+    assert S.chance_hit_rate(real, real) == pytest.approx(0.36 + 0.09 + 0.01)  # proportional: sum q^2
+    assert S.chance_hit_rate(np.array([2, 2]), real) == pytest.approx(0.1)  # only a rare prototype asked for
+
+
+def test_model_digest_is_by_content_not_file_times(tmp_path):
+    import os
+    import shutil
+
+    a = tmp_path / "a"
+    (a / "unet").mkdir(parents=True)
+    (a / "unet" / "w.bin").write_bytes(b"weights")
+    (a / "model_index.json").write_text("{}")
+    shutil.copytree(a, tmp_path / "b")  # a fresh clone / dvc checkout: same bytes, new times
+    os.utime(tmp_path / "b" / "unet" / "w.bin", (1, 1))
+    assert S.model_digest(a) == S.model_digest(tmp_path / "b")
+    (tmp_path / "b" / "unet" / "w.bin").write_bytes(b"weightz")
+    assert S.model_digest(a) != S.model_digest(tmp_path / "b")
+
+
+def test_shard_keys_depend_only_on_what_makes_the_mode_s_images(models_):
+    gp = GuidedSampling(n_per_mode=8, shard_size=4)
+    req = S.allocate(_table(), 8, "uniform", True, seed=2)
+    keys = {m: S.shard_keys(m, req, gp, models_) for m in S.MODE_SPEC}
+    # another cfg scale changes the modes with classifier-free guidance only
+    cfg2 = {m: S.shard_keys(m, req, gp.model_copy(update={"cfg_scale": 5.0}), models_) for m in S.MODE_SPEC}
+    assert [m for m in S.MODE_SPEC if cfg2[m] != keys[m]] == ["cfg_baseline", "cfg_mep", "cfg_mep_classifier"]
+    # more images or other modes listed: the shards already made keep their keys
+    more = S.allocate(_table(), 16, "uniform", True, seed=2)
+    gp16 = gp.model_copy(update={"n_per_mode": 16, "modes": ["classifier"]})
+    assert S.shard_keys("classifier", more, gp16, models_)[:2] == keys["classifier"]
+    # another model (by content) changes the keys of the modes that use it
+    other = {**models_, "baseline": {**models_["baseline"], "digest": "retrained"}}
+    assert S.shard_keys("cfg_baseline", req, gp, other) != keys["cfg_baseline"]
+    assert S.shard_keys("cfg_mep", req, gp, other) == keys["cfg_mep"]
+
+
+def test_a_stale_shard_is_remade_and_never_merged(models_, tmp_path):
+    req = S.allocate(_table(), 4, "uniform", True, seed=2)
+    gp = GuidedSampling(n_per_mode=4, steps=2, shard_size=2, batch_size=2, cfg_scale=2.0)
+    S.generate_mode("cfg_mep", req, models_, gp, tmp_path)
+    gp5 = gp.model_copy(update={"cfg_scale": 5.0})
+    with pytest.raises(DataError, match="made with other models, settings or requests"):
+        S.merge_mode("cfg_mep", 4, 2, tmp_path, tmp_path / "m.h5", keys=S.shard_keys("cfg_mep", req, gp5, models_))
+    assert S.generate_mode("cfg_mep", req, models_, gp5, tmp_path)["images_made"] == 4  # remade, not reused
+    assert S.generate_mode("cfg_mep", req, models_, gp5, tmp_path)["images_made"] == 0  # now reused
+    ds = S.merge_mode("cfg_mep", 4, 2, tmp_path, tmp_path / "m.h5", keys=S.shard_keys("cfg_mep", req, gp5, models_))
+    assert (ds.meta["cfg_scale"] == 5.0).all()
 
 
 def test_sharded_equals_unsharded_and_resume_loses_nothing(models_, tmp_path, monkeypatch):

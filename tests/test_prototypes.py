@@ -5,7 +5,11 @@ import pytest
 import torch
 from scipy.special import log_softmax, softmax
 
-from pathsynth.config import Dino
+from pathsynth.config import section
+
+
+def Dino(**kw):
+    return section("prototypes.dino", **kw)
 from pathsynth.data import phantom
 from pathsynth.prototypes import cluster, features, prompts
 from pathsynth.ssl import augment, dino
@@ -217,7 +221,7 @@ def test_prompt_balanced_subset():
 
 # ------------------------------------------------------------------ extractors
 def test_saved_extractor_roundtrip_and_mismatch(tmp_path):
-    cfg = Dino(**TINY_DINO)
+    cfg = Dino(**TINY_DINO, epochs=5)
     bb = dino.build_vit(cfg.arch, cfg.depth, cfg.patch_size, 32)
     folder = features.save_extractor(bb, cfg, 32, tmp_path / "ext")
     ext = features.SelfTrained.load(folder)
@@ -250,8 +254,37 @@ def test_pretrained_local_vit_scales_pixels_once(tmp_path):
     px = ext.processor(images=list(white), return_tensors="pt")["pixel_values"]
     np.testing.assert_allclose(px[0, :, 0, 0].numpy(), (1 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]), rtol=1e-5)
     assert ext(white).shape == (2, 32)
+    # prototypes.pretrained_batch_size is the batch the extractor runs with
+    from pathsynth.config import validate
+    params = validate({"prototypes": {"extractor": "pretrained", "pretrained": str(tmp_path / "vit"),
+                                      "pretrained_batch_size": 3}})
+    ext = features.load_extractor(params, tmp_path)
+    seen = []
+    ext.model.register_forward_hook(lambda m, i, o: seen.append(len(o.last_hidden_state)))
+    assert ext(np.zeros((7, 32, 32, 3), np.uint8)).shape == (7, 32) and seen == [3, 3, 1]
     # a folder that is not a ViT is a clear error
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "config.json").write_text("{}")
     with pytest.raises(features.ExtractorError, match="cannot load"):
         features.Pretrained(str(tmp_path / "junk"), allow_network=False, root=tmp_path)
+
+
+def test_dino_teacher_is_deterministic_and_the_student_is_not():
+    """The teacher has no stochastic depth and runs in eval mode (DINO reference); the student keeps
+    drop path 0.1, which is what makes two of its passes differ (so the check can see the difference)."""
+    from pathsynth.config import section
+
+
+def Dino(**kw):
+    return section("prototypes.dino", **kw)
+
+    cfg = Dino(depth=4, out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16)
+    torch.manual_seed(0)
+    student, teacher = dino.build_student_teacher(cfg, 32)
+    x = torch.randn(4, 3, 32, 32)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert torch.equal(teacher(x), teacher(x))
+    student.train()
+    assert not torch.equal(student(x), student(x))
+    student.eval()
+    torch.testing.assert_close(student(x), teacher(x))  # same weights at the start

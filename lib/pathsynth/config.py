@@ -1,10 +1,14 @@
 """params.yaml + profiles -> validated settings.
 
-One loader for every stage. The schema below is the single description of every setting; a key
-that is not in it (a typo, a stale key) is an error that names the key before any compute starts.
+One loader for every stage. The schema below describes every setting (types and bounds, no values); a
+key that is not in it (a typo, a stale key) is an error that names the key before any compute starts.
 
-Profiles: ``profiles/defaults.yaml`` holds every setting (the values of the ``tiny`` profile);
-``profiles/<name>.yaml`` holds only what that profile changes. ``python -m pathsynth.config use NAME``
+Values have one source: ``profiles/defaults.yaml`` holds every setting (the values of the ``tiny``
+profile) and is merged under whatever is validated, so a params file may leave settings out. Code and
+tests that need one section build it with ``section("ldm_finetune.train", steps=5)``.
+
+Profiles: ``profiles/<name>.yaml``
+holds only what that profile changes. ``python -m pathsynth.config use NAME``
 (``make profile PROFILE=NAME``) writes the merged result to ``params.yaml``, which is what DVC tracks,
 so switching profiles is one command and DVC sees every changed value.
 """
@@ -34,11 +38,11 @@ SOURCE_KINDS = ("phantom", "npz", "pcam_h5")
 class Source(Strict):
     """Where the train/valid images come from."""
 
-    kind: Literal["phantom", "npz", "pcam_h5"] = "phantom"
-    path: Optional[str] = None  # npz: the .npz file; pcam_h5: the folder with the official files
-    download: bool = False  # pcam_h5 only: fetch missing files from the official record (needs allow_network)
-    counts: dict[str, Optional[int]] = Field(default_factory=lambda: {"train": 1600, "valid": 200, "test": 200})
-    seed_offset: int = 0  # phantom only: a different offset renders an independent cohort
+    kind: Literal["phantom", "npz", "pcam_h5"]
+    path: Optional[str]  # npz: the .npz file; pcam_h5: the folder with the official files
+    download: bool  # pcam_h5 only: fetch missing files from the official record (needs allow_network)
+    counts: dict[str, Optional[int]]
+    seed_offset: int  # phantom only: a different offset renders an independent cohort
 
     @model_validator(mode="after")
     def _check(self):
@@ -62,13 +66,13 @@ class TestSource(Strict):
     phantom / npz / pcam_h5: an external cohort or file; ``split`` picks which of its splits.
     """
 
-    kind: Literal["same", "holdout", "phantom", "npz", "pcam_h5"] = "same"
-    path: Optional[str] = None
-    split: str = "test"
-    holdout_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    download: bool = False
-    counts: dict[str, Optional[int]] = Field(default_factory=lambda: {"test": 200})
-    seed_offset: int = 1000
+    kind: Literal["same", "holdout", "phantom", "npz", "pcam_h5"]
+    path: Optional[str]
+    split: str
+    holdout_fraction: float = Field(gt=0.0, lt=1.0)
+    download: bool
+    counts: dict[str, Optional[int]]
+    seed_offset: int
 
     @model_validator(mode="after")
     def _check(self):
@@ -84,151 +88,153 @@ class TestSource(Strict):
 
 
 class Data(Strict):
-    image_size: int = Field(32, ge=8, le=1024)  # every stage sees patches at this size
-    source: Source = Source()
-    test: TestSource = TestSource()
+    image_size: int = Field(ge=8, le=1024)  # every stage sees patches at this size
+    source: Source
+    test: TestSource
 
 
 class FilterParams(Strict):
     """Outlier filter of the reference code (STUDY.md B.1), thresholds on 0-255 PIL HSV/grey."""
 
-    enabled: bool = True
-    min_mean_v: float = 70.0
-    min_mean_s: float = 3.0
-    min_std_v: float = 4.0
-    min_std_s: float = 4.0
-    min_std_h: float = 1.5
-    min_laplacian_var: float = 100.0
-    min_contours: int = 10
-    contour_threshold: int = 150
+    enabled: bool
+    min_mean_v: float
+    min_mean_s: float
+    min_std_v: float
+    min_std_s: float
+    min_std_h: float
+    min_laplacian_var: float
+    min_contours: int
+    contour_threshold: int
 
 
 class DataPrep(Strict):
-    filter: FilterParams = FilterParams()
-    balance_classes: bool = True  # subsample each split to equal class counts
-    max_per_class: dict[str, Optional[int]] = Field(
-        default_factory=lambda: {"train": None, "valid": None, "test": None})
-    examples_per_class: int = Field(8, ge=1, le=64)  # figure grid
+    filter: FilterParams
+    balance_classes: bool  # subsample each split to equal class counts
+    max_per_class: dict[str, Optional[int]]
+    examples_per_class: int = Field(ge=1, le=64)  # figure grid
 
 
 # --------------------------------------------------------------------------------------- DINO
 class Dino(Strict):
     """The study's DINO (used by the prototypes stage and the dino_pretrain stage)."""
 
-    arch: str = "vit_tiny"  # vit_tiny | vit_small | vit_base (timm VisionTransformer widths)
-    depth: int = Field(6, ge=1, le=24)
-    patch_size: int = Field(4, ge=2, le=32)
-    out_dim: int = Field(1024, ge=16)
-    head_hidden_dim: int = 512
-    head_bottleneck_dim: int = 128
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(64, ge=2)
-    lr: float = 5e-4  # at batch 256, scaled linearly as in DINO
-    min_lr: float = 1e-6
-    warmup_epochs: int = 1
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    momentum_teacher: float = 0.996
-    teacher_temp: float = 0.04
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 0
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
-    clip_grad: float = 3.0
-    freeze_last_layer_epochs: int = 1
-    global_crop_scale: tuple[float, float] = (0.5, 1.0)
-    local_crop_scale: tuple[float, float] = (0.2, 0.5)
-    local_crops_number: int = Field(4, ge=0)
-    local_crop_fraction: float = Field(0.5, gt=0, le=1)  # local crop side = fraction * image side
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    log_every: int = 20
+    arch: str  # vit_tiny | vit_small | vit_base (timm VisionTransformer widths)
+    depth: int = Field(ge=1, le=24)
+    patch_size: int = Field(ge=2, le=32)
+    out_dim: int = Field(ge=16)
+    head_hidden_dim: int
+    head_bottleneck_dim: int
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=2)
+    lr: float  # at batch 256, scaled linearly as in DINO
+    min_lr: float
+    warmup_epochs: int
+    weight_decay: float
+    weight_decay_end: float
+    momentum_teacher: float
+    teacher_temp: float
+    warmup_teacher_temp: float
+    warmup_teacher_temp_epochs: int
+    student_temp: float
+    center_momentum: float
+    clip_grad: float
+    freeze_last_layer_epochs: int
+    global_crop_scale: tuple[float, float]
+    local_crop_scale: tuple[float, float]
+    local_crops_number: int = Field(ge=0)
+    local_crop_fraction: float = Field(gt=0, le=1)  # local crop side = fraction * image side
+    mixed_precision: Literal["no", "fp16", "bf16"]
+    log_every: int
 
 
 class Prototypes(Strict):
-    extractor: Literal["self_trained", "pretrained"] = "self_trained"
-    pretrained: Optional[str] = None  # local folder/file or a hub id the user names (needs allow_network)
-    pretrained_batch_size: int = 92
-    k: Optional[int] = 33  # null = choose by the sweep
-    k_sweep: list[int] = Field(default_factory=lambda: [4, 6, 8, 12, 16, 24, 33])
-    sweep_criterion: Literal["silhouette", "davies_bouldin", "s_dbw"] = "s_dbw"
-    n_init: int = Field(10, ge=1)
-    dino: Dino = Dino()
-    montage_per_prototype: int = Field(8, ge=1)
-    umap_max_points: int = 3000
+    extractor: Literal["self_trained", "pretrained"]
+    pretrained: Optional[str]  # local folder/file or a hub id the user names (needs allow_network)
+    pretrained_batch_size: int
+    k: Optional[int]  # null = choose by the sweep
+    k_sweep: list[int]
+    sweep_criterion: Literal["silhouette", "davies_bouldin", "s_dbw"]
+    n_init: int = Field(ge=1)
+    dino: Dino
+    montage_per_prototype: int = Field(ge=1)
+    umap_max_points: int
     # prompt-balanced subset for the diffusion training set (reference code balancing.py)
-    balance_min_prompts_per_class: int = 10
-    balance_max_images: Optional[int] = None  # null = as many as the balance allows
+    balance_min_prompts_per_class: int
+    balance_max_images: Optional[int]  # null = as many as the balance allows
 
 
 # --------------------------------------------------------------------------------------- LDM
 class Loop(Strict):
     """Settings of the study's training loop (pathsynth.training.train_loop)."""
 
-    steps: int = Field(200, ge=1)
-    batch_size: int = Field(32, ge=1)  # per process
-    lr: float = Field(1e-4, gt=0)
-    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    grad_accum: int = Field(1, ge=1)
-    clip_grad: Optional[float] = 1.0
-    weight_decay: float = 1e-2
-    ema_decay: Optional[float] = 0.999  # null = no EMA; with warm-up (diffusers EMAModel)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    use_8bit_adam: bool = False  # bitsandbytes, GPU only
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = Field(100, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    sample_every: int = Field(0, ge=0)  # 0 = only at the end
-    log_every: int = Field(25, ge=1)
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)  # per process
+    lr: float = Field(gt=0)
+    lr_schedule: Literal["constant", "cosine", "linear"]
+    warmup_steps: int = Field(ge=0)
+    grad_accum: int = Field(ge=1)
+    clip_grad: Optional[float]
+    weight_decay: float
+    ema_decay: Optional[float]  # null = no EMA; with warm-up (diffusers EMAModel)
+    mixed_precision: Literal["no", "fp16", "bf16"]
+    use_8bit_adam: bool  # bitsandbytes, GPU only
+    gradient_checkpointing: bool
+    compile: bool  # torch.compile the model's compute modules in place (GPU profiles)
+    channels_last: bool  # NHWC memory layout for convolutions (faster on tensor cores)
+    measure_flops: bool  # on a GPU: count the step's model FLOPs once and report MFU
+    checkpoint_every: int = Field(ge=1)
+    keep_checkpoints: int = Field(ge=1)
+    sample_every: int = Field(ge=0)  # 0 = only at the end
+    log_every: int = Field(ge=1)
 
 
 class VAEParams(Strict):
-    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
-    layers_per_block: int = 1
-    latent_channels: int = 4
-    kl_weight: float = 1e-6
-    crop_size: Optional[int] = Field(None, ge=8)  # train on random crops of this side (whole patches are encoded); null = whole
-    train: Loop = Loop(steps=300, batch_size=32, lr=1e-3, ema_decay=None)
+    block_out_channels: list[int]
+    layers_per_block: int
+    latent_channels: int
+    kl_weight: float
+    crop_size: Optional[int] = Field(ge=8)  # train on random crops of this side (whole patches are encoded); null = whole
+    train: Loop
 
 
 class UNetParams(Strict):
-    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64])
-    layers_per_block: int = 1
-    attention_head_dim: int = 4
-    down_block_types: list[str] = Field(default_factory=lambda: ["CrossAttnDownBlock2D", "DownBlock2D"])
-    up_block_types: list[str] = Field(default_factory=lambda: ["UpBlock2D", "CrossAttnUpBlock2D"])
+    block_out_channels: list[int]
+    layers_per_block: int
+    attention_head_dim: int
+    down_block_types: list[str]
+    up_block_types: list[str]
 
 
 class TextEncoderParams(Strict):
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    max_length: int = 16
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    max_length: int
 
 
 class ClassifierParams(Strict):
-    channels: list[int] = Field(default_factory=lambda: [32, 64])
-    noise_bins: int = Field(10, ge=2)
-    train: Loop = Loop(steps=300, batch_size=64, lr=1e-3, ema_decay=None)
+    channels: list[int]
+    noise_bins: int = Field(ge=2)
+    train: Loop
 
 
 class LDMFinetune(Strict):
-    regime: Literal["scratch", "finetune"] = "scratch"
-    pretrained: Optional[str] = None  # finetune: a local Stable Diffusion folder, or a hub id with allow_network
-    resolution: Optional[int] = None  # finetune: patches are resized to this (paper: 96 -> 512); null = data.image_size
-    variants: list[Literal["baseline", "mep"]] = Field(default_factory=lambda: ["baseline", "mep"])
-    use_balanced_subset: bool = True  # train the UNet on the prompt-balanced subset (reference code)
-    cond_dropout: float = Field(0.1, ge=0, lt=1)  # empty prompt this often, for classifier-free guidance
-    snr_gamma: Optional[float] = Field(None, gt=0)  # Min-SNR loss weighting (diffusers example: 5.0); null = plain MSE
-    train_text_encoder: bool = True  # scratch only: the in-code CLIP text encoder is trained with the UNet
-    vae: VAEParams = VAEParams()
-    unet: UNetParams = UNetParams()
-    text_encoder: TextEncoderParams = TextEncoderParams()
-    train: Loop = Loop(steps=400, batch_size=32, lr=5e-4, warmup_steps=20, ema_decay=0.995)
-    classifier: ClassifierParams = ClassifierParams()
-    sample_steps: int = 25
-    sample_guidance: float = 3.0
-    n_sample_seeds: int = 4
+    regime: Literal["scratch", "finetune"]
+    pretrained: Optional[str]  # finetune: a local Stable Diffusion folder, or a hub id with allow_network
+    resolution: Optional[int]  # finetune: patches are resized to this (paper: 96 -> 512); null = data.image_size
+    variants: list[Literal["baseline", "mep"]]
+    use_balanced_subset: bool  # train the UNet on the prompt-balanced subset (reference code)
+    cond_dropout: float = Field(ge=0, lt=1)  # empty prompt this often, for classifier-free guidance
+    snr_gamma: Optional[float] = Field(gt=0)  # Min-SNR loss weighting (diffusers example: 5.0); null = plain MSE
+    train_text_encoder: bool  # scratch only: the in-code CLIP text encoder is trained with the UNet
+    vae: VAEParams
+    unet: UNetParams
+    text_encoder: TextEncoderParams
+    train: Loop
+    classifier: ClassifierParams
+    sample_steps: int
+    sample_guidance: float
+    n_sample_seeds: int
 
     @model_validator(mode="after")
     def _check(self):
@@ -250,30 +256,29 @@ class GuidedSampling(Strict):
     baseline / morphology-enriched prompts (Osorio et al.); classifier: prototype classifier guidance on
     the unconditional model (our reading of Redekop et al.); cfg_mep_classifier: both."""
 
-    modes: list[Literal["unguided", "cfg_baseline", "cfg_mep", "classifier", "cfg_mep_classifier"]] = Field(
-        default_factory=lambda: list(MODES))
-    n_per_mode: int = Field(128, ge=1)
-    sampler: Literal["ddim", "dpmsolver++"] = "ddim"
-    steps: int = Field(25, ge=1)
-    cfg_scale: float = Field(3.0, ge=0)  # the paper: 7.5 at SD scale
-    classifier_scale: float = Field(10.0, ge=0)
-    allocation: Literal["uniform", "proportional"] = "uniform"  # over prototypes
-    balance_labels: bool = True
-    shard_size: int = Field(64, ge=1)
-    batch_size: int = Field(32, ge=1)
-    jpeg_quality: Optional[int] = Field(None, ge=1, le=100)  # e.g. 75: the encoding of pcam_ai4all (4:2:0)
+    modes: list[Literal["unguided", "cfg_baseline", "cfg_mep", "classifier", "cfg_mep_classifier"]]
+    n_per_mode: int = Field(ge=1)
+    sampler: Literal["ddim", "dpmsolver++"]
+    steps: int = Field(ge=1)
+    cfg_scale: float = Field(ge=0)  # the paper: 7.5 at SD scale
+    classifier_scale: float = Field(ge=0)
+    allocation: Literal["uniform", "proportional"]  # over prototypes
+    balance_labels: bool
+    shard_size: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    jpeg_quality: Optional[int] = Field(ge=1, le=100)  # e.g. 75: the encoding of pcam_ai4all (4:2:0)
 
 
 class Params(Strict):
-    profile: str = "tiny"
-    seed: int = 18021999
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    allow_network: bool = False  # nothing reaches the network unless this is true
-    data: Data = Data()
-    data_prep: DataPrep = DataPrep()
-    prototypes: Prototypes = Prototypes()
-    ldm_finetune: LDMFinetune = LDMFinetune()
-    guided_sampling: GuidedSampling = GuidedSampling()
+    profile: str
+    seed: int
+    device: Literal["auto", "cpu", "cuda"]
+    allow_network: bool  # nothing reaches the network unless this is true
+    data: Data
+    data_prep: DataPrep
+    prototypes: Prototypes
+    ldm_finetune: LDMFinetune
+    guided_sampling: GuidedSampling
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -298,13 +303,40 @@ def _format_errors(err: ValidationError, origin: str) -> str:
     return f"{origin}: " + "; ".join(lines)
 
 
-def validate(raw: dict, origin: str = "params") -> Params:
+# the one source of every setting's value: this copy of the study's profiles/defaults.yaml
+DEFAULTS = Path(__file__).resolve().parents[2] / "profiles" / "defaults.yaml"
+
+
+def default_values(defaults: Path | None = None) -> dict:
+    return _read_yaml(Path(defaults or DEFAULTS))
+
+
+def validate(raw: dict, origin: str = "params", defaults: Path | None = None) -> Params:
+    """``raw`` merged over profiles/defaults.yaml, checked against the schema."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{origin}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
-        return Params.model_validate(raw)
+        return Params.model_validate(deep_merge(default_values(defaults), raw))
     except ValidationError as err:
         raise ParamsError(_format_errors(err, origin)) from None
+
+
+def defaults() -> Params:
+    """Every setting at its profiles/defaults.yaml value."""
+    return validate({}, str(DEFAULTS))
+
+
+def section(path: str, **overrides):
+    """One validated section of the settings at its defaults.yaml values, with overrides (nested dicts
+    merge): ``section("ldm_finetune.train", steps=5)`` is the UNet's training loop with 5 steps."""
+    keys = path.split(".")
+    raw: dict = overrides
+    for k in reversed(keys):
+        raw = {k: raw}
+    out = validate(raw, f"section {path}")
+    for k in keys:
+        out = getattr(out, k)
+    return out
 
 
 def _read_yaml(path: Path) -> dict:
@@ -321,7 +353,8 @@ def _read_yaml(path: Path) -> dict:
 
 def load(path: str | Path | None = None) -> Params:
     path = Path(path) if path else project_root() / "params.yaml"
-    return validate(_read_yaml(path), str(path))
+    own = path.parent / "profiles" / "defaults.yaml"  # the defaults of the study the params file belongs to
+    return validate(_read_yaml(path), str(path), own if own.is_file() else None)
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -342,7 +375,7 @@ def profile_params(name: str, root: Path | None = None) -> dict:
         raise ParamsError(f"unknown profile '{name}'; profiles are: {', '.join(names)}")
     merged = deep_merge(_read_yaml(pdir / "defaults.yaml"), _read_yaml(pdir / f"{name}.yaml"))
     merged["profile"] = name
-    validate(merged, f"profiles/{name}.yaml")  # fail before writing anything
+    validate(merged, f"profiles/{name}.yaml", pdir / "defaults.yaml")  # fail before writing anything
     return merged
 
 

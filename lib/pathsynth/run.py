@@ -4,6 +4,10 @@ This is the command of every DVC stage. It finds ``notebooks/NN_<stage>.ipynb``,
 the study root with the log streamed (papermill --log-output), and writes the executed copy to
 ``reports/executed/NN_<stage>.ipynb``. The executed copy is written to a temporary name first, so a
 failed run never leaves an executed notebook that looks complete.
+
+``python -m pathsynth.run --inline <stage>`` runs the same notebook's code cells in this process,
+without a Jupyter kernel or papermill: for machines that have the study's libraries but not the
+notebook stack (the lent GPU machine of the ``gpu`` profile). It writes no executed notebook.
 """
 from __future__ import annotations
 
@@ -21,20 +25,43 @@ def notebook_for(stage: str, root: Path) -> Path:
     return found[0]
 
 
+def run_inline(nb: Path, stage: str, root: Path) -> int:
+    """Execute the notebook's code cells in order in one namespace (the parameters cell first sets
+    ``stage``; it is set again after it, as papermill's injected cell would). Shell and magic lines
+    are not supported: the study's notebooks have none."""
+    import json
+    import os
+
+    cells = [c for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code"]
+    os.chdir(root)
+    ns = {"__name__": "__main__", "display": lambda *objs, **_: [print(o) for o in objs]}  # IPython's, as text
+    for i, cell in enumerate(cells):
+        src = "".join(cell["source"])
+        print(f"--- {nb.name} cell {i + 1}/{len(cells)}", flush=True)
+        exec(compile(src, f"{nb.name}[cell {i + 1}]", "exec"), ns)
+        if "parameters" in cell.get("metadata", {}).get("tags", []) or i == 0:
+            ns["stage"] = stage
+    return 0
+
+
 def main(argv=None) -> int:
     import logging
-
-    import papermill as pm
 
     # papermill streams the notebook's stdout at INFO level: without a handler it would be dropped
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     argv = sys.argv[1:] if argv is None else argv
+    inline = argv[:1] == ["--inline"]
+    argv = argv[1:] if inline else argv
     if len(argv) != 1:
-        print("usage: python -m pathsynth.run STAGE", file=sys.stderr)
+        print("usage: python -m pathsynth.run [--inline] STAGE", file=sys.stderr)
         return 2
     root = project_root()
     nb = notebook_for(argv[0], root)
+    if inline:
+        return run_inline(nb, argv[0], root)
+    import papermill as pm
+
     out = root / "reports" / "executed" / nb.name
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".running.ipynb")

@@ -132,7 +132,10 @@ def resolve_device(requested: str = "auto") -> str:
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("params.device is 'cuda' but no CUDA device is available")
     if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":  # TF32 tensor cores for fp32 matrix products (GPU runs are statistically reproducible only)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return requested
 
 

@@ -7,7 +7,6 @@ to a temporary folder and renamed, so a kill mid-save never leaves a checkpoint 
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import json
@@ -24,9 +23,10 @@ class TrainingError(RuntimeError):
     pass
 
 
-# when the loop logs, saves or draws samples, not what it learns: left out of run hashes, so changing
-# them does not invalidate finished checkpoints
-CADENCE = frozenset({"log_every", "checkpoint_every", "keep_checkpoints", "sample_every"})
+# when the loop logs, saves or draws samples, and how it executes (compiled, memory layout, FLOP count),
+# not what it learns: left out of run hashes, so changing them does not invalidate finished checkpoints
+CADENCE = frozenset({"log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
+                     "compile", "channels_last", "measure_flops"})
 
 
 def _without_cadence(data):
@@ -129,10 +129,41 @@ class Task(torch.nn.Module):
     """A model as the loop sees it: an nn.Module whose ``forward(batch, generator)`` returns the loss
     (so several processes sync through accelerate's DDP wrapper), holding its trainable modules
     (kept in fp32). Frozen parts are held outside the module tree and placed by ``prepare(device,
-    dtype)`` (cast to the mixed-precision dtype, as in the diffusers examples)."""
+    dtype)`` (cast to the mixed-precision dtype, as in the diffusers examples). ``compile_targets()``
+    names the modules ``torch.compile`` should compile in place with ``compile: true`` (the forward
+    itself draws from seeded generators, which the compiler would break the graph on)."""
 
     def prepare(self, device, dtype) -> None:
         pass
+
+    def compile_targets(self) -> list[torch.nn.Module]:
+        return []
+
+
+# dense bf16/fp16 tensor-core peaks from the vendors' data sheets (SXM parts), for model FLOP utilisation
+PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+def peak_flops(device) -> tuple[str, float | None]:
+    """The device's name and its dense half-precision peak (None where the table does not know it)."""
+    if torch.device(device).type != "cuda":
+        return "cpu", None
+    name = torch.cuda.get_device_name(device)
+    return name, next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def step_flops(task: Task, batch: dict, g: torch.Generator) -> int:
+    """Model FLOPs of one forward and backward pass of ``task`` on ``batch``, counted by
+    ``torch.utils.flop_counter`` (matrix products and convolutions; the usual MFU numerator). The
+    gradients it makes are cleared again."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        task(batch, g).backward()
+    for p in task.parameters():
+        p.grad = None
+    return int(counter.get_total_flops())
 
 
 class _BatchStream:
@@ -150,14 +181,15 @@ class _BatchStream:
         return self.perm[b * self.gb:(b + 1) * self.gb]
 
 
-def _optimizer(params, cfg):
+def _optimizer(params, cfg, fused: bool = False):
     if cfg.use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise TrainingError("use_8bit_adam: true needs bitsandbytes (pip install bitsandbytes; CUDA only)") from None
         return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for the whole update on a GPU; on the CPU the default (foreach) keeps runs bit-exact
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))
 
 
 def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: int, device: str = "cpu",
@@ -175,7 +207,9 @@ def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: 
     from .runtime import RateLogger, log
 
     n = len(next(iter(data.values())))
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=(device == "cpu"))
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=(device == "cpu"),
+                      gradient_accumulation_steps=cfg.grad_accum)
+    on_gpu = acc.device.type == "cuda"
     global_batch = cfg.batch_size * acc.num_processes
     if global_batch > n:
         raise TrainingError(f"{name}: batch size {global_batch} is larger than the {n} training items")
@@ -185,8 +219,10 @@ def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: 
         for m in model.modules():
             if m is not model and hasattr(m, "enable_gradient_checkpointing"):
                 m.enable_gradient_checkpointing()
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = _optimizer(params, cfg)
+    opt = _optimizer(params, cfg, fused=on_gpu)
     sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, foreach=True) if cfg.ema_decay else None
 
@@ -207,6 +243,17 @@ def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: 
     task.prepare(acc.device, weight_dtype)
     if ema is not None:
         ema.to(acc.device)
+    if on_gpu:  # the training tensors live on the GPU: no host copy per step
+        data = {k: v.to(acc.device) for k, v in data.items()}
+    flops = None
+    if on_gpu and cfg.measure_flops:
+        probe = {k: v[:cfg.batch_size] for k, v in data.items()}
+        with acc.autocast():
+            flops = step_flops(task, probe, torch.Generator(device=acc.device).manual_seed(seed))
+        flops *= cfg.grad_accum  # per optimiser step and process
+    if cfg.compile:
+        for m in task.compile_targets():
+            m.compile()
     csv_log = CSVLog(log_csv, ["step", "loss", "lr", "images_per_s"], resume_step=start,
                      rows=log_rows) if log_csv else None
     rate = RateLogger(cfg.steps, name)
@@ -214,6 +261,13 @@ def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: 
     batches = _BatchStream(n, global_batch, seed)
     import time
 
+    def finite_check(values, step):  # values: the step losses since the last check (floats or device scalars)
+        for v in values:
+            v = float(v)
+            if not math.isfinite(v) or abs(v) > 1e6:
+                check_finite(v, step, ckpt.list()[-1] if ckpt.list() else None)
+
+    marks = []  # (step, training seconds so far) at every log step, where the GPU queue is synced
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         model.train()
@@ -221,16 +275,18 @@ def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: 
         for micro in range(cfg.grad_accum):
             draw = step * cfg.grad_accum + micro
             idx = batches(draw)[acc.process_index::acc.num_processes]
-            batch = {k: v[idx].to(acc.device, non_blocking=True) for k, v in data.items()}
+            batch = {k: v[idx.to(v.device)] for k, v in data.items()}
             g = torch.Generator(device=acc.device).manual_seed(seed * 100003 + draw * 31 + acc.process_index)
-            sync = acc.no_sync(model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
-            with sync, acc.autocast():
-                loss = model(batch, g)
-            lv = float(loss.detach())
-            if not math.isfinite(lv) or abs(lv) > 1e6:
-                check_finite(lv, step, ckpt.list()[-1] if ckpt.list() else None)
-            with sync:
-                acc.backward(loss / cfg.grad_accum)
+            # accelerate's accumulate: gradients sync across processes only on the last micro-batch, and
+            # acc.backward divides the loss by grad_accum, so k batches of n give the gradient of one of k*n
+            with acc.accumulate(model):
+                with acc.autocast():
+                    loss = model(batch, g)
+                acc.backward(loss)
+            # on a GPU the loss stays on the device (no sync per step); it is checked at every log step
+            lv = loss.detach().float() if on_gpu else float(loss.detach())
+            if not on_gpu:
+                finite_check([lv], step)
             loss_sum += lv / cfg.grad_accum
         if cfg.clip_grad:
             acc.clip_grad_norm_(params, cfg.clip_grad)
@@ -239,11 +295,17 @@ def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: 
         opt.zero_grad(set_to_none=True)
         if ema is not None:
             ema.step(params)
-        train_time += time.perf_counter() - t0
         images_done += global_batch * cfg.grad_accum
         window.append(loss_sum)
         done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
+        logging_now = done % cfg.log_every == 0 or done == cfg.steps
+        saving_now = done % cfg.checkpoint_every == 0 or done == cfg.steps
+        if on_gpu and (logging_now or saving_now):
+            window = [float(v) for v in window]  # the one sync of the window
+            finite_check(window, step)
+        train_time += time.perf_counter() - t0
+        if logging_now:
+            marks.append((done, train_time))
             ips = images_done / train_time
             entry = {"step": done, "loss": float(np.mean(window)), "lr": sched.get_last_lr()[0], "images_per_s": ips}
             history.append(entry)
@@ -264,9 +326,20 @@ def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: 
     if ema is not None:
         ema.copy_to(params)  # the returned (and saved) weights are the EMA weights
     final.eval()
+    # steady state: from the first log step past 10% of the run (compilation and warm-up done) to the end
+    later = [m for m in marks if m[0] >= start + 0.1 * (cfg.steps - start)]
+    steady = (later[-1][1] - later[0][1]) / (later[-1][0] - later[0][0]) if len(later) >= 2 else None
+    device_name, peak = peak_flops(acc.device)
+    speed = {"device_name": device_name, "seconds_per_step": steady,
+             "steady_images_per_s": global_batch * cfg.grad_accum / steady if steady else None,
+             "model_flops_per_step": flops, "peak_flops": peak,
+             "mfu": flops * acc.num_processes / steady / (peak * acc.num_processes) if flops and steady and peak else None}
+    if speed["mfu"] is not None:
+        log.info(f"{name}: {steady * 1e3:.1f} ms/step, {speed['steady_images_per_s']:.0f} img/s, "
+                 f"{flops / steady / 1e12:.1f} TFLOP/s per process = MFU {speed['mfu']:.1%} of {peak / 1e12:.0f} TFLOP/s ({device_name})")
     return {"model": final, "history": history, "steps": cfg.steps, "resumed_from": start,
             "images_seen": cfg.steps * global_batch * cfg.grad_accum,
-            "images_per_s": images_done / train_time if train_time else None, "accelerator": acc}
+            "images_per_s": images_done / train_time if train_time else None, "accelerator": acc, "speed": speed}
 
 
 def _with_ema(ema, params, fn):

@@ -61,6 +61,9 @@ class ClassifierTask(Task):
         super().__init__()
         self.model, self.scheduler = model, scheduler
 
+    def compile_targets(self):
+        return [self.model]
+
     def forward(self, batch, g):
         z0 = batch["mean"] + batch["std"] * torch.randn(batch["mean"].shape, generator=g, device=g.device)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(z0),), generator=g, device=g.device)

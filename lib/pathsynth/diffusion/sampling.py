@@ -48,26 +48,48 @@ class Request:
 
 
 def allocate(table: pd.DataFrame, n: int, allocation: str, balance_labels: bool, seed: int) -> Request:
-    """Requested (label, prototype) per image, from the pairs present in the diffusion training set
-    (``table``: prompts_train.csv rows of the prompt-balanced subset), so every MEP prompt is one the
-    model was trained on."""
+    """Requested (label, prototype) per image, over the (label, prototype) pairs present in the diffusion
+    training set (``table``: prompts_train.csv rows of the prompt-balanced subset), so every MEP prompt is
+    one the model was trained on, and label and prototype are not tied to each other.
+
+    uniform:      each label's prototypes in turn (with ``balance_labels``: labels alternate, so each
+                  label gets half); without it, every pair in turn;
+    proportional: prototypes drawn with their frequency among that label's training images (with
+                  ``balance_labels``), or pairs drawn with their frequency (without).
+    """
     if n <= 0:
         raise ValueError(f"guided_sampling.n_per_mode must be > 0, got {n}")
-    pairs = table.groupby(["prototype", "label"]).size()
-    protos = np.array(sorted(table.prototype.unique()))
+    counts = table.groupby(["label", "prototype"]).size().sort_index()
+    pairs = np.array(counts.index.tolist(), dtype=np.int64)  # [P, 2] (label, prototype), sorted
+    freq = counts.to_numpy(float)
     rng = np.random.default_rng(derive_seed(seed, "allocation"))
-    if allocation == "uniform":
-        proto = protos[np.arange(n) % len(protos)]
+    if balance_labels:
+        labels = np.unique(pairs[:, 0])
+        label = labels[np.arange(n) % len(labels)]
+        proto = np.empty(n, np.int64)
+        for c in labels:
+            rows = np.flatnonzero(label == c)
+            own = pairs[:, 0] == c
+            if allocation == "uniform":
+                proto[rows] = pairs[own, 1][np.arange(len(rows)) % own.sum()]
+            else:
+                proto[rows] = rng.choice(pairs[own, 1], len(rows), p=freq[own] / freq[own].sum())
     else:
-        freq = table.prototype.value_counts().reindex(protos).to_numpy(float)
-        proto = rng.choice(protos, n, p=freq / freq.sum())
-    label = np.empty(n, np.int64)
-    for i, k in enumerate(proto):
-        have = [c for c in (0, 1) if (k, c) in pairs.index]
-        want = i % 2 if balance_labels else rng.choice(have, p=pairs.loc[k].reindex(have).to_numpy() / pairs.loc[k].sum())
-        label[i] = want if want in have else have[0]
+        pick = (np.arange(n) % len(pairs) if allocation == "uniform"
+                else rng.choice(len(pairs), n, p=freq / freq.sum()))
+        label, proto = pairs[pick, 0], pairs[pick, 1]
     seeds = np.array([derive_seed(seed, "guided_sampling", i) for i in range(n)], dtype=np.int64)
-    return Request(label, proto.astype(np.int64), seeds)
+    return Request(label.astype(np.int64), proto.astype(np.int64), seeds)
+
+
+def chance_hit_rate(requested: np.ndarray, real_prototypes: np.ndarray) -> float:
+    """The requested-prototype hit rate of a generator that ignores the request and makes prototypes with
+    their real frequency q: sum_k a_k q_k, a_k the share of requests for k. 1/K for a uniform request over
+    all K prototypes; sum_k q_k^2 for a proportional one; other values when only some are requested."""
+    k = int(max(requested.max(), real_prototypes.max())) + 1
+    a = np.bincount(requested, minlength=k) / len(requested)
+    q = np.bincount(real_prototypes, minlength=k) / len(real_prototypes)
+    return float(a @ q)
 
 
 def prompts_for(mode: str, req: Request, known: set[str]) -> list[str]:
@@ -109,9 +131,10 @@ def generate_mode(mode: str, req: Request, models_: dict, gp, run_dir: Path, dev
     made, t_gen = 0, 0.0
     for sh in (progress(shards, desc=f"{mode} shards", unit="shard") if progress else shards):
         path = folder / f"shard-{sh:05d}.h5"
-        if path.exists():  # written atomically: complete
-            continue
         lo, hi = sh * S, min(n, (sh + 1) * S)
+        key = shard_key(mode, req, lo, hi, gp, models_)
+        if path.exists() and shard_matches(path, key):  # written atomically: complete, and made the same way
+            continue
         xs = []
         t0 = time.perf_counter()
         for b in range(lo, hi, gp.batch_size):
@@ -134,28 +157,69 @@ def generate_mode(mode: str, req: Request, models_: dict, gp, run_dir: Path, dev
                 "classifier_scale": np.full(hi - lo, gp.classifier_scale if use_clf else 0.0),
                 "sampler": np.array([gp.sampler] * (hi - lo)), "steps": np.full(hi - lo, gp.steps),
                 "jpeg_quality": np.full(hi - lo, gp.jpeg_quality or 0), "model_variant": np.array([variant] * (hi - lo))}
-        write_imageset(path, ImageSet(x, req.label[lo:hi], meta, {"source": "synthetic", "mode": mode, "shard": sh}))
+        write_imageset(path, ImageSet(x, req.label[lo:hi], meta, {"source": "synthetic", "mode": mode, "shard": sh,
+                                                                   "key": key}))
         made += hi - lo
     return {"images_made": made, "seconds": t_gen}
 
 
-def shard_dir(root: Path, gp, seed: int) -> Path:
-    """Where the shards of this run live: keyed by the sampling params, the seed and the model files
-    (path, size, mtime), so shards are only reused for the same models and settings."""
+def model_digest(folder: Path) -> str:
+    """sha256 of a model folder's files (names and bytes): the same model gives the same digest after a
+    fresh clone, `dvc checkout` or `dvc pull`, which change file times but not contents."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(q for q in Path(folder).rglob("*") if q.is_file()):
+        h.update(str(p.relative_to(folder)).encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def shard_key(mode: str, req: Request, lo: int, hi: int, gp, models_: dict) -> str:
+    """What decides the images of shard [lo, hi) of a mode: the content of the models it uses, its own
+    sampling settings, and the request (label, prototype, seed) of each of its images. Other modes, the
+    number of images and settings the mode does not use are not part of it, so adding a mode or images
+    keeps every finished shard."""
     from ..training import params_hash
 
-    files = sorted(p for p in (root / "models" / "ldm_finetune").rglob("*") if p.is_file() and "samples" not in p.parts)
-    stamp = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return root / "checkpoints" / "guided_sampling" / params_hash({"gp": gp.model_dump(mode="json"), "seed": seed,
-                                                                   "models": stamp})
+    variant, _, use_cfg, use_clf = MODE_SPEC[mode]
+    return params_hash({
+        "mode": mode, "model": models_[variant]["digest"],
+        "classifier": models_["classifier_digest"] if use_clf else None,
+        "sampler": gp.sampler, "steps": gp.steps, "batch_size": gp.batch_size, "jpeg_quality": gp.jpeg_quality,
+        "cfg_scale": gp.cfg_scale if use_cfg else None, "classifier_scale": gp.classifier_scale if use_clf else None,
+        "label": req.label[lo:hi].tolist(), "prototype": req.prototype[lo:hi].tolist(), "seed": req.seed[lo:hi].tolist()})
 
 
-def merge_mode(mode: str, n: int, shard_size: int, run_dir: Path, out_path: Path) -> ImageSet:
+def shard_matches(path: Path, key: str) -> bool:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return f.attrs.get("key") == json.dumps(key)
+
+
+def shard_dir(root: Path) -> Path:
+    """Where the shards live; each shard carries its own key (``shard_key``), checked before reuse."""
+    return root / "checkpoints" / "guided_sampling"
+
+
+def shard_keys(mode: str, req: Request, gp, models_: dict) -> list[str]:
+    n, S = len(req.label), gp.shard_size
+    return [shard_key(mode, req, lo, min(n, lo + S), gp, models_) for lo in range(0, n, S)]
+
+
+def merge_mode(mode: str, n: int, shard_size: int, run_dir: Path, out_path: Path, keys: list[str] | None = None) -> ImageSet:
+    """One image set from the shards of a mode; with ``keys`` (``shard_keys``), every shard must have been
+    made for exactly this request and these settings."""
     parts = []
     for sh in range((n + shard_size - 1) // shard_size):
         p = run_dir / mode / f"shard-{sh:05d}.h5"
         if not p.exists():
             raise DataError(f"{p}: shard missing; rerun the stage to generate it")
+        if keys is not None and not shard_matches(p, keys[sh]):
+            raise DataError(f"{p}: made with other models, settings or requests; rerun the stage to remake it")
         parts.append(read_imageset(p))
     ds = ImageSet(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]),
                   {k: np.concatenate([p.meta[k] for p in parts]) for k in parts[0].meta},
@@ -181,12 +245,13 @@ def load_models(model_root: Path, variants: set[str], device: str) -> dict:
         pfile = folder / "training_prompts.json"
         if not pfile.is_file():
             raise DataError(f"{pfile}: missing (the prompts the model was trained on; rerun ldm_finetune)")
-        out[v] = {"prompts": set(json.loads(pfile.read_text())) | {""},"unet": pipe.unet.to(device).eval(), "text_encoder": pipe.text_encoder.to(device).eval(),
+        out[v] = {"prompts": set(json.loads(pfile.read_text())) | {""}, "digest": model_digest(folder), "unet": pipe.unet.to(device).eval(), "text_encoder": pipe.text_encoder.to(device).eval(),
                   "tokenizer": pipe.tokenizer, "vae": pipe.vae.to(device).eval(),
                   "train_scheduler_config": pipe.scheduler.config}
     cpath = model_root / "prototype_classifier"
     if cpath.is_dir():
         out["classifier"] = NoisyLatentClassifier.from_pretrained(cpath).to(device).eval()
+        out["classifier_digest"] = model_digest(cpath)
     return out
 
 
@@ -208,7 +273,7 @@ def plan(root: Path, params, device: str):
     req = allocate(table[table.in_balanced_subset], gp.n_per_mode, gp.allocation, gp.balance_labels, params.seed)
     for mode in gp.modes:
         check_mode(models_, mode, req)  # every prompt known to its model, classifier present
-    return table, req, models_, shard_dir(root, gp, params.seed)
+    return table, req, models_, shard_dir(root)
 
 
 def main() -> int:

@@ -124,6 +124,9 @@ class LDMTask(Task):
     def encoder(self):
         return self.text_encoder if hasattr(self, "text_encoder") else self._frozen[0]
 
+    def compile_targets(self):
+        return [self.unet]
+
     def prepare(self, device, dtype):
         if hasattr(self, "_frozen"):
             self._frozen[0].to(device, dtype).eval()

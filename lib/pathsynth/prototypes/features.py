@@ -78,9 +78,10 @@ class SelfTrained:
 class Pretrained:
     """A Hugging Face DINO ViT (e.g. facebook/dino-vitb8); features = CLS of last_hidden_state."""
 
-    def __init__(self, spec: str, allow_network: bool, root: Path):
+    def __init__(self, spec: str, allow_network: bool, root: Path, batch_size: int = 92):
         from transformers import AutoImageProcessor, ViTModel
 
+        self.batch_size = batch_size  # prototypes.pretrained_batch_size
         from ..runtime import resolve_weights
 
         try:
@@ -95,8 +96,9 @@ class Pretrained:
         self.description = f"pretrained {spec}"
 
     @torch.no_grad()
-    def __call__(self, images: np.ndarray, batch_size: int = 92, device: str = "cpu", progress=None) -> np.ndarray:
+    def __call__(self, images: np.ndarray, batch_size: int | None = None, device: str = "cpu", progress=None) -> np.ndarray:
         self.model.to(device)
+        batch_size = batch_size or self.batch_size
 
         def cls(batch):
             # uint8 input: the processor's rescale (1/255) is then applied exactly once
@@ -124,7 +126,7 @@ def build_extractor(params, train_images: np.ndarray, root: Path, models_dir: Pa
     if pp.extractor == "pretrained":
         if not pp.pretrained:
             raise ExtractorError("prototypes.extractor is 'pretrained' but prototypes.pretrained is not set")
-        return Pretrained(pp.pretrained, params.allow_network, root), None
+        return load_extractor(params, root), None
     run = params_hash({"dino": pp.dino.model_dump(mode="json"), "seed": params.seed,
                        "data": data_fingerprint(train_images)})
     out = train_dino(train_images, pp.dino, root / "checkpoints" / "prototypes" / f"dino-{run}", params.seed,
@@ -135,14 +137,23 @@ def build_extractor(params, train_images: np.ndarray, root: Path, models_dir: Pa
     return ext, out
 
 
+def load_extractor(params, root: Path):
+    """The prototypes stage's extractor for later stages: the pretrained one the params name (with
+    ``prototypes.pretrained_batch_size``), or the study's DINO saved in ``models/prototypes/extractor``."""
+    pp = params.prototypes
+    if pp.extractor == "pretrained":
+        if not pp.pretrained:
+            raise ExtractorError("prototypes.extractor is 'pretrained' but prototypes.pretrained is not set")
+        return Pretrained(pp.pretrained, params.allow_network, root, pp.pretrained_batch_size)
+    return SelfTrained.load(root / "models" / "prototypes" / "extractor")
+
+
 def check_extractor_params(params, root: Path) -> None:
     """Cheap checks before any compute: a pretrained extractor is loaded (a bad path, a hub id
     without network or weights that do not fit fail here), a self-trained one must fit the image size."""
     pp = params.prototypes
     if pp.extractor == "pretrained":
-        if not pp.pretrained:
-            raise ExtractorError("prototypes.extractor is 'pretrained' but prototypes.pretrained is not set")
-        Pretrained(pp.pretrained, params.allow_network, root)
+        load_extractor(params, root)
     elif params.data.image_size % pp.dino.patch_size:
         raise ExtractorError(f"data.image_size {params.data.image_size} is not a multiple of "
                              f"prototypes.dino.patch_size {pp.dino.patch_size}")

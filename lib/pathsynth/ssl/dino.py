@@ -31,9 +31,10 @@ log = logging.getLogger("pathsynth")
 WIDTHS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}
 
 
-def build_vit(arch: str, depth: int, patch_size: int, img_size: int) -> nn.Module:
+def build_vit(arch: str, depth: int, patch_size: int, img_size: int, drop_path_rate: float = 0.0) -> nn.Module:
     """A timm VisionTransformer returning the CLS token; accepts any input size (interpolated
-    position embeddings), so global and local crops share it."""
+    position embeddings), so global and local crops share it. Stochastic depth (``drop_path_rate``)
+    is for the student only, as in the DINO reference (0.1 for ViT-S)."""
     if arch not in WIDTHS:
         raise ValueError(f"prototypes.dino.arch: unknown '{arch}' (one of {sorted(WIDTHS)})")
     if img_size % patch_size:
@@ -41,7 +42,7 @@ def build_vit(arch: str, depth: int, patch_size: int, img_size: int) -> nn.Modul
     dim, heads = WIDTHS[arch]
     return timm.models.vision_transformer.VisionTransformer(
         img_size=img_size, patch_size=patch_size, embed_dim=dim, depth=depth, num_heads=heads,
-        num_classes=0, global_pool="token", dynamic_img_size=True, drop_path_rate=0.1)
+        num_classes=0, global_pool="token", dynamic_img_size=True, drop_path_rate=drop_path_rate)
 
 
 class DINOHead(nn.Module):
@@ -157,6 +158,19 @@ class CollapseMonitor:
         return problems
 
 
+def build_student_teacher(cfg: Dino, size: int) -> tuple[nn.Module, nn.Module]:
+    """Student (stochastic depth 0.1, trained) and teacher (the same weights, no stochastic depth, eval
+    mode, no gradients: the EMA of the student, as in the DINO reference)."""
+    def make(drop):
+        return MultiCropWrapper(build_vit(cfg.arch, cfg.depth, cfg.patch_size, size, drop_path_rate=drop),
+                                DINOHead(WIDTHS[cfg.arch][0], cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim))
+
+    student, teacher = make(0.1), make(0.0)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    return student, teacher.eval()
+
+
 def _param_groups(model):
     reg, no_reg = [], []
     for name, p in model.named_parameters():
@@ -177,13 +191,7 @@ def train_dino(images: np.ndarray, cfg: Dino, out_dir: Path, seed: int, device: 
         raise ValueError(f"dino.batch_size {cfg.batch_size} is larger than the {n} training images")
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=(device == "cpu"))
     torch.manual_seed(seed)
-    student = MultiCropWrapper(build_vit(cfg.arch, cfg.depth, cfg.patch_size, size),
-                               DINOHead(WIDTHS[cfg.arch][0], cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim))
-    teacher = MultiCropWrapper(build_vit(cfg.arch, cfg.depth, cfg.patch_size, size),
-                               DINOHead(WIDTHS[cfg.arch][0], cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim))
-    teacher.load_state_dict(student.state_dict())
-    for p in teacher.parameters():
-        p.requires_grad = False
+    student, teacher = build_student_teacher(cfg, size)
     crops = MultiCrop(size, cfg.patch_size, tuple(cfg.global_crop_scale), tuple(cfg.local_crop_scale),
                       cfg.local_crops_number, cfg.local_crop_fraction)
     loss_fn = DINOLoss(cfg.out_dim, 2 + cfg.local_crops_number, cfg.warmup_teacher_temp, cfg.teacher_temp,
