@@ -27,17 +27,19 @@ fi
 export PYTHONPATH=/tmp/site:$PWD/lib${PYTHONPATH:+:$PYTHONPATH}
 LOG=.gpu-run/log.txt
 
-if [ ! -f .gpu-run/params-written ]; then
-  python3 -m pathsynth.config use gpu || exit 1
-  if [ -n "$DATA" ]; then
-    python3 - "$DATA" <<'EOF' || exit 1
+# params.yaml is written on every call: the device tool sends the tracked files again each time, so a
+# params.yaml written by an earlier call is replaced by the local one (the default profile)
+python3 -m pathsynth.config use gpu || exit 1
+if [ -n "$DATA" ]; then
+  python3 - "$DATA" <<'EOF' || exit 1
 import sys, yaml
 p = yaml.safe_load(open("params.yaml")); p["data"]["source"]["path"] = sys.argv[1]
 open("params.yaml", "w").write("# gpu profile, data path given to scripts/gpu.sh\n" + yaml.safe_dump(p, sort_keys=False))
 EOF
-  fi
-  touch .gpu-run/params-written
 fi
+# a stage counts as done only under the params it was done with (training itself resumes from checkpoints)
+sha=$(sha256sum params.yaml | cut -c1-16)
+if [ "$(cat .gpu-run/params.sha 2>/dev/null)" != "$sha" ]; then rm -f .gpu-run/*.done; echo "$sha" > .gpu-run/params.sha; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a $LOG
 
 status=0
