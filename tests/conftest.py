@@ -44,13 +44,11 @@ def write_fake_pcam(folder: Path, images: np.ndarray, labels: np.ndarray, splits
     return folder
 
 
-@pytest.fixture
-def study(tmp_path):
-    """A copy of the study (code, notebooks, dvc.yaml, profiles) in a temp folder, with helpers to
-    set params. The package is imported from the real checkout (installed in editable mode)."""
-    dst = tmp_path / "study"
-    dst.mkdir()
-    for name in ("dvc.yaml", "params.yaml", "profiles", "notebooks", "lib"):
+def make_study(dst: Path):
+    """A copy of the study (code, notebooks, dvc.yaml, profiles, the stage command) in ``dst``, with a
+    helper to set params. The package is imported from the real checkout (installed in editable mode)."""
+    dst.mkdir(parents=True)
+    for name in ("dvc.yaml", "params.yaml", "profiles", "notebooks", "lib", "bin"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dst / name)
 
@@ -67,4 +65,17 @@ def study(tmp_path):
     return Study()
 
 
+@pytest.fixture
+def study(tmp_path):
+    return make_study(tmp_path / "study")
+
+
 SMALL = {"data": {"source": {"counts": {"train": 160, "valid": 40, "test": 40}}}}
+
+
+def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval written out (independent of statsmodels, which the study uses)."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return centre - half, centre + half

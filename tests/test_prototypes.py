@@ -288,3 +288,26 @@ def Dino(**kw):
     assert not torch.equal(student(x), student(x))
     student.eval()
     torch.testing.assert_close(student(x), teacher(x))  # same weights at the start
+
+
+def test_recovery_matches_sklearn_and_its_ci_covers_it():
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    rng = np.random.default_rng(0)
+    true = rng.integers(0, 4, 400)
+    pred = np.where(rng.random(400) < 0.7, true, rng.integers(0, 4, 400))  # 70% kept
+    r = cluster.recovery(true, pred, n_bootstrap=200, seed=1)
+    assert r["ari"] == pytest.approx(adjusted_rand_score(true, pred)) and r["nmi"] == pytest.approx(normalized_mutual_info_score(true, pred))
+    assert r["ari_ci95"][0] < r["ari"] < r["ari_ci95"][1] and r["ari_ci95"][1] - r["ari_ci95"][0] < 0.2
+    perfect = cluster.recovery(true, (true + 1) % 4, 50, 1)  # a relabelling is a perfect recovery
+    assert perfect["ari"] == 1.0 and perfect["ari_ci95"] == [1.0, 1.0]
+    with pytest.raises(cluster.ClusteringError, match="equally long"):
+        cluster.recovery(true, pred[:10], 50, 1)
+
+
+def test_silhouette_uses_a_seeded_subsample_of_the_size_asked():
+    x = np.random.default_rng(0).normal(size=(300, 5))
+    lab = (x[:, 0] > 0).astype(int)
+    a, b = cluster.silhouette(x, lab, 100, seed=3), cluster.silhouette(x, lab, 100, seed=3)
+    assert a == b and a["n"] == 100 and 0 < a["value"] < 1
+    assert cluster.silhouette(x, lab, 1000, seed=3)["n"] == 300

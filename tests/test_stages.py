@@ -11,13 +11,16 @@ import torch
 
 from pathsynth.data.dataset import read_imageset
 
-from conftest import SMALL
+from conftest import SMALL, wilson
+from pathsynth.diffusion import sampling as S
 
 pytestmark = pytest.mark.slow
 
 
 def run(cmd, cwd):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    # the study copy lives outside the checkout, so bin/stage is told the interpreter (PATHSYNTH_PYTHON);
+    # from the checkout itself it finds .venv on its own (tests/test_dvc_stages.py, and CI's make repro)
+    env = {**os.environ, "PATHSYNTH_PYTHON": sys.executable,
            "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", "MPLBACKEND": "Agg"}
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, f"{cmd} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
@@ -127,8 +130,14 @@ def test_study_through_dvc_and_papermill(dvc_study):
         ds = read_imageset(s.root / "data" / "guided_sampling" / f"{mode}.h5")
         assert ds.x.shape == (8, 32, 32, 3) and (ds.meta["guidance_mode"] == mode).all()
         r = gm["prototype_hit_rate"][mode]
-        assert r["n"] == 8 and r["ci95"][0] <= r["rate"] <= r["ci95"][1]
-    assert gm["morphology_hit_rate"] is not None  # the phantom's ground-truth judge
+        assert r["n"] == 8 and r["ci95"] == pytest.approx(list(wilson(round(r["rate"] * 8), 8)))
+        hits = np.isclose(r["rate"] * 8, round(r["rate"] * 8))
+        assert hits  # a rate of whole images out of 8
+        mr = gm["morphology_hit_rate"][mode]  # the phantom's ground-truth judge
+        assert mr["n"] == 8 and mr["ci95"] == pytest.approx(list(wilson(round(mr["rate"] * 8), 8)))
+    # chance comes from the allocation made and the real prototype frequencies
+    asked = read_imageset(s.root / "data" / "guided_sampling" / "classifier.h5").meta["prototype"]
+    assert gm["chance"] == pytest.approx(S.chance_hit_rate(asked, t.prototype.to_numpy()))
     for fig in ("modes", "prompts", "prototypes", "hit_rate"):
         assert (s.root / "reports" / "figures" / f"guided_sampling_{fig}.png").stat().st_size > 3000
     assert "Running stage" not in run([sys.executable, "-m", "dvc", "repro"], s.root)
@@ -136,13 +145,11 @@ def test_study_through_dvc_and_papermill(dvc_study):
     # images the single-process stage made
     import shutil
 
-    from pathsynth.diffusion import sampling as S
-
     shutil.rmtree(s.root / "checkpoints" / "guided_sampling")
     out = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
                "pathsynth.diffusion.sampling"], s.root)
     assert "process 1/2 cfg_mep: 4 images made" in out and "process 0/2 cfg_mep: 4 images made" in out
-    (run_dir,) = (s.root / "checkpoints" / "guided_sampling").iterdir()
+    run_dir = s.root / "checkpoints" / "guided_sampling"
     for mode in modes:
         split = S.merge_mode(mode, 8, 4, run_dir, s.root / f"{mode}-2proc.h5")
         single = read_imageset(s.root / "data" / "guided_sampling" / f"{mode}.h5")

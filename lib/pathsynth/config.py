@@ -154,7 +154,11 @@ class Prototypes(Strict):
     k: Optional[int]  # null = choose by the sweep
     k_sweep: list[int]
     sweep_criterion: Literal["silhouette", "davies_bouldin", "s_dbw"]
-    n_init: int = Field(ge=1)
+    n_init: int = Field(ge=1)  # k-means restarts for the prototypes (the reference code: 10)
+    k_sweep_n_init: int = Field(ge=1)  # k-means restarts per K in the sweep (cheaper: the sweep only ranks K)
+    k_sweep_max_points: int = Field(ge=10)  # the sweep scores a seeded subsample of this many training features
+    silhouette_max_points: int = Field(ge=10)
+    n_bootstrap: int = Field(ge=10)  # bootstrap resamples for the phantom's ARI CI
     dino: Dino
     montage_per_prototype: int = Field(ge=1)
     umap_max_points: int
@@ -235,6 +239,7 @@ class LDMFinetune(Strict):
     sample_steps: int
     sample_guidance: float
     n_sample_seeds: int
+    n_eval_images: int = Field(ge=1)  # valid patches for the VAE's PSNR/SSIM (at most the valid split)
 
     @model_validator(mode="after")
     def _check(self):

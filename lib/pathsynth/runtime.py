@@ -139,6 +139,40 @@ def resolve_device(requested: str = "auto") -> str:
     return requested
 
 
+def set_determinism(device: str) -> bool:
+    """On the CPU, ask torch for deterministic algorithms (warning, not failing, where an op has none):
+    with the seeds, a run is then bit-exact on the same machine and thread count (tests/test_repro.py).
+    On GPUs the study is statistically reproducible only (cuBLAS/cuDNN kernels and atomics), so nothing
+    is forced there."""
+    import torch
+
+    on = device == "cpu"
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    return on
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def compute_record(device: str) -> dict:
+    """What floating-point results depend on: CPU model and vector extensions, torch's thread count,
+    and the GPU where one is used."""
+    import torch
+
+    rec = {"cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
+           "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if device == "cuda":
+        rec["gpu"] = torch.cuda.get_device_name(0)
+    return rec
+
+
 # ------------------------------------------------------------------------------ header
 def git_sha(root: Path) -> str:
     try:
@@ -242,10 +276,12 @@ def start_stage(name: str, device: str | None = None, params_path: str | Path | 
         enable_offline_guard()
     seed_everything(params.seed)
     dev = resolve_device(device or params.device)
+    deterministic = set_determinism(dev)
     stage = Stage(name=name, params=params, root=root, device=dev, seed=params.seed)
     header = {"stage": name, "profile": params.profile, "git": git_sha(root), "device": dev,
               "seed": params.seed, "offline": not params.allow_network, "versions": versions(),
-              "host": f"{platform.node()} ({os.cpu_count()} cpus)"}
+              "host": f"{platform.node()} ({os.cpu_count()} cpus)", **compute_record(dev),
+              "deterministic_algorithms": deterministic}
     print("=" * 78)
     print(f"pathsynth stage '{name}'  " + json.dumps(header, default=str))
     sp = stage.stage_params()

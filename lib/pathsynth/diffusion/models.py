@@ -48,21 +48,34 @@ def build_unet(cfg: UNetParams, sample_size: int, latent_channels: int, cross_at
 
 
 def build_tokenizer(prompts: list[str], max_length: int) -> CLIPTokenizerFast:
-    """A CLIP-style BPE tokenizer (lower-case, end-of-word suffix ``</w>``, BOS/EOS, EOS padding)
-    trained on the study's prompt vocabulary with the ``tokenizers`` library, so every word of every
-    prompt is one token and unseen words still split into characters."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    """A CLIP-style BPE tokenizer (lower-case, end-of-word suffix ``</w>``, BOS/EOS, EOS padding) for the
+    study's prompt vocabulary, so every word of every prompt is one token and unseen words still split
+    into characters. The vocabulary and merges are written out in a fixed order (every character, then
+    for each word in sorted order the merges that join it left to right) rather than learned by the
+    ``tokenizers`` BPE trainer, whose tie-breaking follows hash-map order and gave other token ids in
+    another run."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-    tok = Tokenizer(models.BPE(unk_token=EOS, end_of_word_suffix="</w>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
     words = sorted({w for p in prompts for w in p.lower().replace(",", " , ").split()})
     chars = sorted({c for w in words for c in w})
-    trainer = trainers.BpeTrainer(vocab_size=len(chars) * 2 + 8 * len(words) + 16, special_tokens=[BOS, EOS],
-                                  end_of_word_suffix="</w>", initial_alphabet=chars, show_progress=False)
-    tok.train_from_iterator(prompts * 4, trainer)
+    vocab: dict[str, int] = {}
+    for t in [BOS, EOS, *chars, *(c + "</w>" for c in chars)]:
+        vocab.setdefault(t, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for w in words:
+        pieces = list(w[:-1]) + [w[-1] + "</w>"]
+        left = pieces[0]
+        for right in pieces[1:]:
+            joined = left + right
+            if joined not in vocab:
+                vocab[joined] = len(vocab)
+                merges.append((left, right))
+            left = joined
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=EOS, end_of_word_suffix="</w>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A {EOS}", special_tokens=[
-        (BOS, tok.token_to_id(BOS)), (EOS, tok.token_to_id(EOS))])
+        (BOS, vocab[BOS]), (EOS, vocab[EOS])])
     fast = CLIPTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS,
                              model_max_length=max_length)
     too_long = [p for p in prompts if len(fast(p).input_ids) > max_length]

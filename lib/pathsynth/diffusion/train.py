@@ -150,6 +150,9 @@ class LDMTask(Task):
 
 
 # ------------------------------------------------------------------ stage steps
+SCALING_IMAGES = 2048  # the latent scaling factor is estimated on the first 2,048 training images (ample for one std)
+
+
 def train_vae(train_x: np.ndarray, cfg, seed: int, device: str, ckpt_root: Path, log_csv: Path, fingerprint: str):
     torch.manual_seed(seed)
     vae = models.build_vae(cfg)
@@ -163,7 +166,7 @@ def train_vae(train_x: np.ndarray, cfg, seed: int, device: str, ckpt_root: Path,
                      device, log_csv, name="vae")
     vae = out["model"].vae
     vae.register_to_config(scaling_factor=1.0)
-    mean, _ = encode(vae, train_x[:2048], None, device)
+    mean, _ = encode(vae, train_x[:SCALING_IMAGES], None, device)
     vae.register_to_config(scaling_factor=float(1.0 / mean.std()))  # as SD's 0.18215: unit-variance latents
     return vae, out
 
@@ -190,6 +193,31 @@ def build_text_side(regime: str, params, prompts: list[str], pretrained: dict | 
         return pretrained["tokenizer"], pretrained["text_encoder"]
     tok = models.build_tokenizer(sorted(set(prompts)) + [""], params.text_encoder.max_length)
     return tok, models.build_text_encoder(params.text_encoder, tok)
+
+
+def build_variant(variant: str, lp, prompts: list[str], pretrained: dict | None, latent_shape: tuple, seed: int):
+    """Tokenizer, text encoder and UNet of one prompt variant, built after seeding torch with the
+    variant's own seed: the models of a variant do not depend on which variants ran before it."""
+    import copy
+
+    from ..runtime import derive_seed
+
+    torch.manual_seed(derive_seed(seed, "ldm_finetune", variant))
+    tok, te = build_text_side(lp.regime, lp, prompts, pretrained)
+    unet = (copy.deepcopy(pretrained["unet"]) if pretrained else
+            models.build_unet(lp.unet, latent_shape[-1], latent_shape[0], te.config.hidden_size))
+    return tok, te, unet
+
+
+def check_batch_sizes(lp, n_unet: int, n_vae: int) -> None:
+    """Before any compute: each loop's batch must fit the images it trains on (named by its key)."""
+    checks = [("ldm_finetune.train.batch_size", lp.train.batch_size, n_unet, "UNet (prompt-balanced subset)"),
+              ("ldm_finetune.classifier.train.batch_size", lp.classifier.train.batch_size, n_vae, "classifier (train split)")]
+    if lp.regime == "scratch":
+        checks.append(("ldm_finetune.vae.train.batch_size", lp.vae.train.batch_size, n_vae, "VAE (train split)"))
+    for key, batch, n, what in checks:
+        if batch > n:
+            raise ValueError(f"{key} {batch} is larger than the {n} training images of the {what}")
 
 
 # ldm_finetune settings that do not change the UNet's weights (sample grids, the other models, which variants run);

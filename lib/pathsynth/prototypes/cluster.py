@@ -76,3 +76,26 @@ def k_sweep(features: np.ndarray, ks, n_init: int, seed: int, max_points: int = 
 def choose_k(sweep: pd.DataFrame, criterion: str) -> int:
     best = sweep[criterion].idxmax() if criterion == "silhouette" else sweep[criterion].idxmin()
     return int(sweep.loc[best, "k"])
+
+
+def recovery(true: np.ndarray, pred: np.ndarray, n_bootstrap: int, seed: int) -> dict:
+    """How well prototypes recover known morphology types (the phantom's ground truth): adjusted Rand
+    index with a percentile bootstrap 95% CI over images, and normalised mutual information."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    true, pred = np.asarray(true), np.asarray(pred)
+    if len(true) != len(pred) or len(true) < 2:
+        raise ClusteringError(f"recovery needs two equally long labellings of at least 2 images, got {len(true)} and {len(pred)}")
+    rng = np.random.default_rng(seed)
+    boot = [adjusted_rand_score(true[i], pred[i]) for i in (rng.integers(0, len(true), len(true)) for _ in range(n_bootstrap))]
+    return {"ari": float(adjusted_rand_score(true, pred)), "ari_ci95": np.percentile(boot, [2.5, 97.5]).tolist(),
+            "nmi": float(normalized_mutual_info_score(true, pred)), "n": int(len(true)), "n_bootstrap": int(n_bootstrap),
+            "n_types": int(len(np.unique(true))), "k": int(len(np.unique(pred))), "seed": int(seed)}
+
+
+def silhouette(features: np.ndarray, labels: np.ndarray, max_points: int, seed: int) -> dict:
+    """Silhouette of the prototypes on the raw features, on a seeded subsample of at most ``max_points``."""
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(features), min(max_points, len(features)), replace=False)
+    return {"value": float(silhouette_score(features[idx], labels[idx], random_state=seed % 2**32)),
+            "n": int(len(idx)), "seed": int(seed), "space": "raw CLS features"}
