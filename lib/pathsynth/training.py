@@ -315,7 +315,9 @@ def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: 
             rate(done, images_done, loss=entry["loss"], lr=entry["lr"])
             # the rate logger's own clock includes checkpoints and samples; images_per_s does not
         if on_sample and cfg.sample_every and done % cfg.sample_every == 0 and acc.is_main_process:
-            _with_ema(ema, params, lambda: on_sample(done, acc.unwrap_model(model)))
+            # eager: sample grids have other shapes, and recompiling for them cost 71 s on an H100
+            with torch.compiler.set_stance("force_eager"):
+                _with_ema(ema, params, lambda: on_sample(done, acc.unwrap_model(model)))
         if (done % cfg.checkpoint_every == 0 or done == cfg.steps) and acc.is_main_process:
             ckpt.save(done, {"model": acc.unwrap_model(model).state_dict(), "opt": opt.state_dict(),
                              "sched": sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,
@@ -323,6 +325,9 @@ def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: 
                              "log_rows": csv_log.rows if csv_log else None})
         acc.wait_for_everyone()
     final = acc.unwrap_model(model)
+    for m in task.compile_targets():  # what is returned runs eagerly (grids, saving, sampling)
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            m._compiled_call_impl = None
     if ema is not None:
         ema.copy_to(params)  # the returned (and saved) weights are the EMA weights
     final.eval()
