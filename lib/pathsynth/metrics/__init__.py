@@ -1,0 +1,1 @@
+"""Metrics of synthetic data against real data, each with its N, seed and, where an estimate, a CI."""
