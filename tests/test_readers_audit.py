@@ -1,0 +1,55 @@
+"""The memorisation audit finds planted copies (also flipped or turned ones); the machine reader is at
+chance on two samples of one distribution and near 1 on two clearly different ones."""
+import numpy as np
+import pytest
+
+from pathsynth.metrics import memorisation as M
+from pathsynth.metrics import readers as R
+from pathsynth.metrics.fidelity import MetricError
+
+
+def _images(n, seed):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+
+
+def test_audit_flags_planted_copies_and_flipped_copies():
+    train, test = _images(200, 0), _images(50, 1)
+    syn = _images(40, 2)
+    syn[:5] = train[10:15]                        # exact copies
+    syn[5:10] = train[20:25][:, :, ::-1]          # mirrored copies
+    syn[10:12] = np.rot90(train[30:32], 1, axes=(1, 2))  # turned copies
+    syn[12] = np.clip(train[40].astype(int) + 3, 0, 255)  # a copy with a small shift of brightness
+    d_syn, where = M.pixel_nearest(syn, train)
+    d_real, _ = M.pixel_nearest(test, train)
+    r = M.audit(d_syn, d_real, quantile=0.01)
+    # every planted copy is flagged, far below anything a new image comes to; the other (random) images
+    # sit in the real held-out distribution, where a 1% threshold flags about 1% of them by chance
+    assert set(range(13)) <= set(np.flatnonzero(d_syn < r["threshold"])) and d_syn[:13].max() < 0.05 * r["real_median"]
+    assert r["n_under"] <= 13 + 3 and d_syn[13:].min() > 0.5 * r["real_median"]
+    assert list(where[:5]) == [10, 11, 12, 13, 14] and list(where[5:10]) == [20, 21, 22, 23, 24]
+
+
+def test_audit_errors():
+    with pytest.raises(MetricError, match="image sizes differ"):
+        M.pixel_nearest(_images(3, 0), np.zeros((3, 8, 8, 3), np.uint8))
+    with pytest.raises(MetricError, match="quantile"):
+        M.audit(np.ones(3), np.ones(3), 1.5)
+
+
+def test_c2st_is_at_chance_for_one_distribution_and_near_one_for_two():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 8)), rng.normal(size=(300, 8))
+    same, dec = R.c2st_linear(a, b, seed=1, n_bootstrap=200)
+    assert same["ci95"][0] < 0.5 < same["ci95"][1] and abs(same["auroc"] - 0.5) < 0.1
+    assert len(dec) == same["n"] == 300 and set(dec.set) == {"real", "synthetic"}
+    diff, _ = R.c2st_linear(a, b + 1.5, seed=1, n_bootstrap=200)
+    assert diff["auroc"] > 0.95 and diff["ci95"][0] > 0.9
+
+
+def test_auroc_matches_sklearn():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    y, s = rng.integers(0, 2, 100), rng.random(100)
+    assert R.auroc_ci(y, s, 50, 0)["auroc"] == pytest.approx(roc_auc_score(y, s))
