@@ -72,3 +72,14 @@ def test_values_have_one_source_profiles_defaults_yaml():
     p = config.validate({"prototypes": {"k": 5}})
     assert p.prototypes.k == 5 and p.prototypes.dino == d.prototypes.dino
     assert config.section("ldm_finetune.train", steps=7) == d.ldm_finetune.train.model_copy(update={"steps": 7})
+
+
+def test_params_rewritten_by_dvc_exp_run_still_validate():
+    """`dvc exp run -S key=value` rewrites params.yaml: nulls become empty values and the quoted 'no' of
+    mixed_precision becomes a bare no, which PyYAML reads as false. Both must mean what they meant."""
+    text = "ldm_finetune:\n  train:\n    mixed_precision: no\n  pretrained:\nprototypes:\n  dino:\n    mixed_precision: no\n"
+    p = config.validate(yaml.safe_load(text))
+    assert p.ldm_finetune.train.mixed_precision == "no" and p.prototypes.dino.mixed_precision == "no"
+    assert p.ldm_finetune.pretrained is None
+    with pytest.raises(config.ParamsError, match="mixed_precision"):
+        config.validate({"ldm_finetune": {"train": {"mixed_precision": True}}})

@@ -17,10 +17,10 @@ from __future__ import annotations
 import copy
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 
 class ParamsError(ValueError):
@@ -29,6 +29,11 @@ class ParamsError(ValueError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# `dvc exp run -S` rewrites params.yaml with a YAML 1.2 writer that leaves `no` unquoted, which YAML 1.1
+# readers (PyYAML) read back as false: false means "no" here, and nothing else is accepted
+Precision = Annotated[Literal["no", "fp16", "bf16"], BeforeValidator(lambda v: "no" if v is False else v)]
 
 
 # --------------------------------------------------------------------------------------- data
@@ -143,7 +148,7 @@ class Dino(Strict):
     local_crop_scale: tuple[float, float]
     local_crops_number: int = Field(ge=0)
     local_crop_fraction: float = Field(gt=0, le=1)  # local crop side = fraction * image side
-    mixed_precision: Literal["no", "fp16", "bf16"]
+    mixed_precision: Precision
     log_every: int
 
 
@@ -180,7 +185,7 @@ class Loop(Strict):
     clip_grad: Optional[float]
     weight_decay: float
     ema_decay: Optional[float]  # null = no EMA; with warm-up (diffusers EMAModel)
-    mixed_precision: Literal["no", "fp16", "bf16"]
+    mixed_precision: Precision
     use_8bit_adam: bool  # bitsandbytes, GPU only
     gradient_checkpointing: bool
     compile: bool  # torch.compile the model's compute modules in place (GPU profiles)
