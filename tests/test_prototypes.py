@@ -126,24 +126,59 @@ def test_dino_learns_and_does_not_collapse(tmp_path, phantom32):
     assert (tmp_path / "loss.csv").read_text().count("\n") > 10
 
 
-def test_dino_resume_after_kill_matches_uninterrupted(tmp_path, phantom32, monkeypatch):
+def test_dino_resume_after_kill_mid_epoch_matches_uninterrupted(tmp_path, phantom32, monkeypatch):
+    """DINO on the shared loop, hybrid data (MixedStream), a per-epoch evaluation: killed after the
+    checkpoint at step 4 (of 5 per epoch), resumed, it ends bit-exact with an uninterrupted run, with
+    the whole log and every evaluation."""
     x, _ = phantom32
-    cfg = Dino(**TINY_DINO, epochs=2)
-    full = dino.train_dino(x, cfg, tmp_path / "full", seed=5)["backbone"].state_dict()
+    second = x[:, ::-1].copy()  # a stand-in 'synthetic' set: the images flipped
+    cfg = Dino(**TINY_DINO, epochs=2, checkpoint_every=2)
+
+    def knn_probe(task):  # any deterministic function of the teacher
+        return {"teacher_norm": float(sum(p.double().norm() for p in task.teacher.backbone.parameters()))}
+
+    kw = dict(seed=5, second=second, ratio=0.5, evaluate=knn_probe)
+    full = dino.train_dino(x, cfg, tmp_path / "full", plots_csv=tmp_path / "full.csv", **kw)
     real_save = Checkpoints.save
 
     def save_then_die(self, step, state, extra=None):
         real_save(self, step, state, extra)
-        raise KeyboardInterrupt("killed after the first checkpoint")
+        if step == 4:
+            raise KeyboardInterrupt("killed after the checkpoint at step 4, mid-epoch")
 
     monkeypatch.setattr(Checkpoints, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        dino.train_dino(x, cfg, tmp_path / "killed", seed=5)
+        dino.train_dino(x, cfg, tmp_path / "killed", plots_csv=tmp_path / "killed.csv", **kw)
     monkeypatch.setattr(Checkpoints, "save", real_save)
-    resumed = dino.train_dino(x, cfg, tmp_path / "killed", seed=5)
-    assert [h["epoch"] for h in resumed["history"]] == [0, 1]
-    for k, v in full.items():
+    resumed = dino.train_dino(x, cfg, tmp_path / "killed", plots_csv=tmp_path / "killed.csv", **kw)
+    assert resumed["steps"] == full["steps"] == 10
+    def learnt(rows):  # everything but the timing
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]
+
+    assert learnt(resumed["history"]) == learnt(full["history"]) and len(full["history"]) == 10
+    assert [e["step"] for e in resumed["evals"]] == [0, 5, 10] and resumed["evals"] == full["evals"]
+    import pandas as pd
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "killed.csv").drop(columns="images_per_s"),
+                                  pd.read_csv(tmp_path / "full.csv").drop(columns="images_per_s"))
+    for k, v in full["backbone"].state_dict().items():
         torch.testing.assert_close(resumed["backbone"].state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_dino_teacher_is_eval_ema_of_student(phantom32):
+    cfg = Dino(**TINY_DINO, epochs=1, checkpoint_every=10)
+    task = dino.DinoTask(cfg, 32, steps_per_epoch=4)
+    task.train()
+    assert task.student.training and not task.teacher.training
+    assert all(not p.requires_grad for p in task.teacher.parameters())
+    assert task.teacher.backbone.blocks[-1].drop_path1.__class__.__name__ == "Identity"
+    t0 = [p.clone() for p in task.teacher.parameters()]
+    with torch.no_grad():
+        for p in task.student.parameters():
+            p.add_(1.0)
+    task.after_step(0)
+    m = task.mom_s[0]
+    for a, b, s in zip(task.teacher.parameters(), t0, task.student.parameters()):
+        torch.testing.assert_close(a, m * b + (1 - m) * s)
 
 
 def test_checkpoints_refuse_other_params(tmp_path):
@@ -156,9 +191,20 @@ def test_checkpoints_refuse_other_params(tmp_path):
     assert [p.name for p in c.list()] == ["checkpoint-2", "checkpoint-3"]
 
 
-def test_dino_batch_larger_than_data(tmp_path, phantom32):
-    with pytest.raises(ValueError, match="batch_size 512 is larger than the 160"):
-        dino.train_dino(phantom32[0], Dino(**{**TINY_DINO, "batch_size": 512}), tmp_path, seed=0)
+def test_dino_bad_input_is_an_error_before_compute(tmp_path, phantom32):
+    x = phantom32[0]
+    cfg = Dino(**TINY_DINO)
+    with pytest.raises(ValueError, match="batch_size 512 .* larger than the 160"):
+        dino.train_dino(x, Dino(**{**TINY_DINO, "batch_size": 512}), tmp_path, seed=0)
+    with pytest.raises(ValueError, match="1 image"):
+        dino.train_dino(x[:1], cfg, tmp_path, seed=0)
+    with pytest.raises(ValueError, match="0 image"):
+        dino.train_dino(x[:0], cfg, tmp_path, seed=0)
+    with pytest.raises(ValueError, match="same size"):
+        dino.train_dino(x, cfg, tmp_path, seed=0, second=x[:, :16, :16].copy(), ratio=0.5)
+    with pytest.raises(ValueError, match="ratio must be in"):
+        dino.train_dino(x, cfg, tmp_path, seed=0, second=x, ratio=1.5)
+    assert not any(tmp_path.iterdir())  # nothing written
 
 
 # ------------------------------------------------------------------ clustering

@@ -72,11 +72,16 @@ SMALL_LDM = {**SMALL_PROTO, "ldm_finetune": {
     "n_sample_seeds": 2, "sample_steps": 4}}
 
 
-SMALL_ALL = {**SMALL_LDM, "guided_sampling": {"n_per_mode": 8, "steps": 3, "shard_size": 4, "batch_size": 4}}
+SMALL_ALL = {**SMALL_LDM,
+             "guided_sampling": {"n_per_mode": 8, "steps": 3, "shard_size": 4, "batch_size": 4, "pretrain": {"n_per_mode": 24}},
+             "dino_pretrain": {"ladder": [0.25], "umap_max_points": 40, "dino": {
+                 "depth": 1, "epochs": 2, "out_dim": 128, "head_hidden_dim": 64, "head_bottleneck_dim": 32,
+                 "batch_size": 16, "log_every": 2, "checkpoint_every": 4}}}
 
 
 def test_study_through_dvc_and_papermill(dvc_study):
-    """data_prep -> prototypes -> ldm_finetune -> guided_sampling on small settings, then a no-op repro."""
+    """data_prep -> prototypes -> ldm_finetune -> guided_sampling -> dino_pretrain on small settings, then a
+    no-op repro."""
     from pathsynth.prototypes.features import SelfTrained
     from pathsynth.prototypes.prompts import mep_prompt
 
@@ -140,6 +145,36 @@ def test_study_through_dvc_and_papermill(dvc_study):
     assert gm["chance"] == pytest.approx(S.chance_hit_rate(asked, t.prototype.to_numpy()))
     for fig in ("modes", "prompts", "prototypes", "hit_rate"):
         assert (s.root / "reports" / "figures" / f"guided_sampling_{fig}.png").stat().st_size > 3000
+    # the pretraining sets: own seeds, none shared with the evaluation sets
+    pre = read_imageset(s.root / "data" / "guided_sampling" / "pretrain" / "classifier.h5")
+    assert len(pre) == 24 and not set(pre.meta["seed"]) & set(asked_seeds := read_imageset(
+        s.root / "data" / "guided_sampling" / "classifier.h5").meta["seed"]) and len(asked_seeds) == 8
+    # dino_pretrain: every regime, one budget, features for every split and set, timm-openable backbones
+    run([sys.executable, "-m", "dvc", "repro", "dino_pretrain"], s.root)
+    dm = json.loads((s.root / "metrics" / "dino_pretrain.json").read_text())
+    regimes = ["random_init", "real", "synthetic_classifier", "synthetic_cfg_mep", "hybrid", "real_25pct", "hybrid_25pct"]
+    assert list(dm["regimes"]) == regimes
+    n_train = m["n"]["train"]
+    budget = 2 * (n_train // 16) * 16
+    for name in regimes[1:]:
+        r = dm["regimes"][name]
+        assert r["images_seen"] == budget and r["knn"]["n"] == m["n"]["valid"], name
+        assert [c["images_seen"] for c in r["knn_curve"]] == [0, budget // 2, budget]
+        assert 0 <= r["knn"]["ci95"][0] <= r["knn"]["accuracy"] <= r["knn"]["ci95"][1] <= 1
+    assert dm["regimes"]["real"]["distinct_images"] == {"real": n_train, "synthetic": 0}
+    assert dm["regimes"]["synthetic_classifier"]["distinct_images"] == {"real": 0, "synthetic": 24}
+    assert dm["regimes"]["hybrid_25pct"]["distinct_images"]["real"] < n_train // 3
+    from pathsynth.data.features import read_features
+
+    for name in regimes:
+        sets, attrs = read_features(s.root / "data" / "dino_pretrain" / "features" / f"{name}.h5")
+        assert set(sets) == {"real_train", "real_valid", "real_test", *(f"synthetic_{m_}" for m_ in modes)}
+        assert len(sets["real_test"]) == m["n"]["test"] and attrs["regime"] == name
+    f_real = read_features(s.root / "data" / "dino_pretrain" / "features" / "real.h5")[0]["real_valid"].features
+    back = SelfTrained.load(s.root / "models" / "dino_pretrain" / "real")(valid.x)
+    np.testing.assert_allclose(back, f_real, rtol=1e-4, atol=1e-5)
+    for fig in ("knn", "ladder", "umap"):
+        assert (s.root / "reports" / "figures" / f"dino_pretrain_{fig}.png").stat().st_size > 5000
     assert "Running stage" not in run([sys.executable, "-m", "dvc", "repro"], s.root)
     # several processes split the shards (torchrun on CPU here, `accelerate launch` on GPUs) and make the
     # images the single-process stage made
@@ -148,7 +183,7 @@ def test_study_through_dvc_and_papermill(dvc_study):
     shutil.rmtree(s.root / "checkpoints" / "guided_sampling")
     out = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
                "pathsynth.diffusion.sampling"], s.root)
-    assert "process 1/2 cfg_mep: 4 images made" in out and "process 0/2 cfg_mep: 4 images made" in out
+    assert "process 1/2 guided_sampling/cfg_mep: 4 images made" in out and "process 0/2 guided_sampling/cfg_mep: 4 images made" in out
     run_dir = s.root / "checkpoints" / "guided_sampling"
     for mode in modes:
         split = S.merge_mode(mode, 8, 4, run_dir, s.root / f"{mode}-2proc.h5")

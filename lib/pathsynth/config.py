@@ -149,7 +149,8 @@ class Dino(Strict):
     local_crops_number: int = Field(ge=0)
     local_crop_fraction: float = Field(gt=0, le=1)  # local crop side = fraction * image side
     mixed_precision: Precision
-    log_every: int
+    log_every: int = Field(ge=1)
+    checkpoint_every: int = Field(ge=1)  # steps: a kill loses at most this many
 
 
 class Prototypes(Strict):
@@ -259,6 +260,13 @@ class LDMFinetune(Strict):
 MODES = ("unguided", "cfg_baseline", "cfg_mep", "classifier", "cfg_mep_classifier")
 
 
+class PretrainSets(Strict):
+    """Synthetic sets made for dino_pretrain, apart from the evaluation sets (own counts and seeds)."""
+
+    modes: list[Literal["unguided", "cfg_baseline", "cfg_mep", "classifier", "cfg_mep_classifier"]]
+    n_per_mode: int = Field(ge=1)
+
+
 class GuidedSampling(Strict):
     """Synthetic datasets, one per guidance mode (STUDY.md B.4, A.4).
 
@@ -277,6 +285,34 @@ class GuidedSampling(Strict):
     shard_size: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     jpeg_quality: Optional[int] = Field(ge=1, le=100)  # e.g. 75: the encoding of pcam_ai4all (4:2:0)
+    pretrain: PretrainSets
+
+
+# --------------------------------------------------------------------------------------- DINO pretraining
+Mode = Literal["unguided", "cfg_baseline", "cfg_mep", "classifier", "cfg_mep_classifier"]
+
+
+class DinoPretrain(Strict):
+    """DINO pretraining regimes at one budget of images seen (Redekop et al.; STUDY.md A.5, A.6): real only,
+    synthetic only per mode, hybrid, a real-data ladder with and without synthetic data, random init."""
+
+    synthetic_modes: list[Mode]  # one synthetic-only regime each, from guided_sampling.pretrain
+    hybrid_mode: Mode  # the synthetic set mixed into the hybrid regimes
+    hybrid_ratio: float = Field(ge=0.0, le=1.0)  # share of synthetic images in each hybrid batch
+    ladder: list[float]  # fractions of the real train split below 1, each alone and with synthetic data
+    dino: Dino  # the recipe of every regime (its epochs are of epoch_images images)
+    epoch_images: Optional[int] = Field(ge=1)  # images per epoch of the recipe; null = the whole real train split
+    knn_k: int = Field(ge=1)  # the DINO reference's eval_knn: 20
+    knn_temperature: float = Field(gt=0)  # 0.07
+    knn_max_train: Optional[int] = Field(ge=1)  # k-NN memory bank: a seeded subsample of real train; null = all
+    umap_max_points: int = Field(ge=10)
+
+    @model_validator(mode="after")
+    def _check(self):
+        for f in self.ladder:
+            if not 0.0 < f < 1.0:
+                raise ValueError(f"ladder: fraction {f} must be in (0, 1) (the whole split is the 'real' regime)")
+        return self
 
 
 class Params(Strict):
@@ -289,6 +325,16 @@ class Params(Strict):
     prototypes: Prototypes
     ldm_finetune: LDMFinetune
     guided_sampling: GuidedSampling
+    dino_pretrain: DinoPretrain
+
+    @model_validator(mode="after")
+    def _cross_check(self):
+        made = self.guided_sampling.pretrain.modes
+        for m in [*self.dino_pretrain.synthetic_modes, self.dino_pretrain.hybrid_mode]:
+            if m not in made:
+                raise ValueError(f"dino_pretrain names synthetic mode '{m}', which guided_sampling does not make "
+                                 f"(guided_sampling.pretrain.modes: {list(made)})")
+        return self
 
 
 # --------------------------------------------------------------------------------------- loading

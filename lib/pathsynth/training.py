@@ -133,11 +133,33 @@ class Task(torch.nn.Module):
     names the modules ``torch.compile`` should compile in place with ``compile: true`` (the forward
     itself draws from seeded generators, which the compiler would break the graph on)."""
 
+    # hooks for recipes that schedule more than the lr (DINO: weight decay, teacher momentum), update
+    # more than the optimiser does (an EMA teacher) or log more than the loss; the defaults do nothing
+    owns_schedule = False  # True: before_step sets lr (and more) itself; the loop's lr scheduler is off
+    log_fields: tuple[str, ...] = ()  # extra CSV columns, filled by log_values at every log step
+
     def prepare(self, device, dtype) -> None:
         pass
 
     def compile_targets(self) -> list[torch.nn.Module]:
         return []
+
+    def param_groups(self) -> list[dict] | None:
+        """Optimiser parameter groups (e.g. no weight decay on biases and norms); None: one group."""
+        return None
+
+    def before_step(self, step: int, optimizer) -> None:
+        """Before the step's forward passes (0-based step)."""
+
+    def before_optimizer_step(self, step: int) -> None:
+        """After backward and gradient clipping, before ``optimizer.step()``."""
+
+    def after_step(self, step: int) -> None:
+        """After ``optimizer.step()``."""
+
+    def log_values(self, step: int, loss: float) -> dict:
+        """The ``log_fields`` values at a log step (``loss``: the mean since the last log step)."""
+        return {}
 
 
 # dense bf16/fp16 tensor-core peaks from the vendors' data sheets (SXM parts), for model FLOP utilisation
@@ -164,6 +186,49 @@ def step_flops(task: Task, batch: dict, g: torch.Generator) -> int:
     for p in task.parameters():
         p.grad = None
     return int(counter.get_total_flops())
+
+
+class MixedStream:
+    """Global batches that take a share ``ratio`` of their images from the second part of the data
+    (items ``n_first .. n_first + n_second - 1``) and the rest from the first part, for hybrid training
+    (first: real, second: synthetic). Each part is read in its own seeded epochs (a permutation per pass,
+    no image twice before every image was used once). The split of each batch is Bresenham's: the
+    second part's count up to draw d is floor(d * ratio * batch), so the share over any run of draws is
+    ``ratio`` to within one image, and any draw can be recomputed after a resume without replaying the
+    draws before it. ``ratio`` 0 or 1 reads one part only."""
+
+    def __init__(self, n_first: int, n_second: int, ratio: float, global_batch: int, seed: int):
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"mixing ratio must be in [0, 1], got {ratio}")
+        if ratio < 1 and n_first < 1 or ratio > 0 and n_second < 1:
+            raise ValueError(f"mixing ratio {ratio} needs images in both parts (got {n_first} and {n_second})")
+        self.n = (n_first, n_second)
+        self.ratio, self.gb, self.seed = ratio, global_batch, seed
+        self._perm: dict = {}
+
+    def _second_before(self, draw: int) -> int:
+        return math.floor(draw * self.ratio * self.gb + 1e-9)
+
+    def _take(self, part: int, start: int, count: int) -> torch.Tensor:
+        n = self.n[part]
+        out = []
+        for pos in range(start, start + count):
+            epoch, i = divmod(pos, n)
+            key = (part, epoch)
+            if key not in self._perm:
+                if len(self._perm) > 8:
+                    self._perm.clear()
+                g = torch.Generator().manual_seed(self.seed * 7919 + epoch * 2 + part)
+                self._perm[key] = torch.randperm(n, generator=g)
+            out.append(int(self._perm[key][i]))
+        return torch.tensor(out, dtype=torch.long) + (self.n[0] if part else 0)
+
+    def __call__(self, draw: int) -> torch.Tensor:
+        s0, s1 = self._second_before(draw), self._second_before(draw + 1)
+        k = s1 - s0  # images from the second part in this batch
+        first = self._take(0, draw * self.gb - s0, self.gb - k) if k < self.gb else torch.empty(0, dtype=torch.long)
+        second = self._take(1, s0, k) if k else torch.empty(0, dtype=torch.long)
+        return torch.cat([first, second])
 
 
 class _BatchStream:
@@ -193,13 +258,19 @@ def _optimizer(params, cfg, fused: bool = False):
 
 
 def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: int, device: str = "cpu",
-               log_csv: Path | None = None, name: str = "train", on_sample=None) -> dict:
+               log_csv: Path | None = None, name: str = "train", on_sample=None, batches=None,
+               evaluate=None, eval_every: int = 0) -> dict:
     """Train ``task`` on ``data`` (a dict of equally long CPU tensors) for ``cfg.steps`` optimiser steps.
 
     accelerate places the model and data, runs mixed precision and several processes
     (``accelerate launch``); EMA (diffusers EMAModel, with warm-up) is swapped in for samples and
     is what the returned model holds; checkpoints ``checkpoint-<step>`` rotate and the latest is
-    resumed, unless it was made with other params; a non-finite loss stops with a clear message."""
+    resumed, unless it was made with other params; a non-finite loss stops with a clear message.
+
+    ``batches(draw)`` gives the indices of the draw-th global batch (default: seeded epochs over all
+    items; ``MixedStream`` for hybrid data). ``evaluate(model) -> dict`` runs before the first step,
+    every ``eval_every`` steps and at the end; its results (with step and images seen) travel in the
+    checkpoints and come back as ``evals``."""
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
@@ -222,22 +293,25 @@ def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: 
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = _optimizer(params, cfg, fused=on_gpu)
-    sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
+    opt = _optimizer(task.param_groups() or params, cfg, fused=on_gpu)
+    sched = None if task.owns_schedule else get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=cfg.warmup_steps,
+                                                          num_training_steps=cfg.steps)
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, foreach=True) if cfg.ema_decay else None
 
     ckpt = Checkpoints(out_dir, run_hash, keep=cfg.keep_checkpoints)
-    start, history, log_rows = 0, [], None
+    start, history, log_rows, evals, seconds_before = 0, [], None, [], 0.0
     last = ckpt.latest()
     if last is not None:
         st = Checkpoints.load(last)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
+        if sched is not None:
+            sched.load_state_dict(st["sched"])
         if ema is not None:
             ema.load_state_dict(st["ema"])
         set_rng_state(st["rng"])
-        start, history, log_rows = st["step"], st["history"], st.get("log_rows")
+        start, history, log_rows, evals = st["step"], st["history"], st.get("log_rows"), st.get("evals", [])
+        seconds_before = st.get("train_seconds", 0.0)  # training time of the runs before this resume
         log.info(f"{name}: resumed from {last} (step {start}/{cfg.steps})")
     model, opt = acc.prepare(model, opt)
     task.prepare(acc.device, weight_dtype)
@@ -254,12 +328,23 @@ def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: 
     if cfg.compile:
         for m in task.compile_targets():
             m.compile()
-    csv_log = CSVLog(log_csv, ["step", "loss", "lr", "images_per_s"], resume_step=start,
+    csv_log = CSVLog(log_csv, ["step", "loss", "lr", "images_per_s", *task.log_fields], resume_step=start,
                      rows=log_rows) if log_csv else None
     rate = RateLogger(cfg.steps, name)
     train_time, images_done, window = 0.0, 0, []
-    batches = _BatchStream(n, global_batch, seed)
+    batches = batches or _BatchStream(n, global_batch, seed)
     import time
+
+    def run_eval(done):
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            result = evaluate(acc.unwrap_model(model))
+        model.train(was_training)
+        evals.append({"step": done, "images_seen": done * global_batch * cfg.grad_accum, **result})
+
+    if evaluate is not None and start == 0:
+        run_eval(0)
 
     def finite_check(values, step):  # values: the step losses since the last check (floats or device scalars)
         for v in values:
@@ -271,6 +356,7 @@ def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: 
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         model.train()
+        task.before_step(step, opt)
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
             draw = step * cfg.grad_accum + micro
@@ -290,9 +376,13 @@ def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: 
             loss_sum += lv / cfg.grad_accum
         if cfg.clip_grad:
             acc.clip_grad_norm_(params, cfg.clip_grad)
+        task.before_optimizer_step(step)
+        lr_now = opt.param_groups[0]["lr"]
         opt.step()
-        sched.step()
+        if sched is not None:
+            sched.step()
         opt.zero_grad(set_to_none=True)
+        task.after_step(step)
         if ema is not None:
             ema.step(params)
         images_done += global_batch * cfg.grad_accum
@@ -307,7 +397,8 @@ def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: 
         if logging_now:
             marks.append((done, train_time))
             ips = images_done / train_time
-            entry = {"step": done, "loss": float(np.mean(window)), "lr": sched.get_last_lr()[0], "images_per_s": ips}
+            entry = {"step": done, "loss": float(np.mean(window)), "lr": lr_now, "images_per_s": ips}
+            entry.update(task.log_values(step, entry["loss"]))
             history.append(entry)
             window = []
             if csv_log and acc.is_main_process:
@@ -318,10 +409,14 @@ def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: 
             # eager: sample grids have other shapes, and recompiling for them cost 71 s on an H100
             with torch.compiler.set_stance("force_eager"):
                 _with_ema(ema, params, lambda: on_sample(done, acc.unwrap_model(model)))
-        if (done % cfg.checkpoint_every == 0 or done == cfg.steps) and acc.is_main_process:
+        if evaluate is not None and (eval_every and done % eval_every == 0 or done == cfg.steps):
+            run_eval(done)
+        if saving_now and acc.is_main_process:
             ckpt.save(done, {"model": acc.unwrap_model(model).state_dict(), "opt": opt.state_dict(),
-                             "sched": sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                             "rng": rng_state(), "step": done, "history": history,
+                             "sched": sched.state_dict() if sched is not None else None,
+                             "ema": ema.state_dict() if ema is not None else None,
+                             "rng": rng_state(), "step": done, "history": history, "evals": evals,
+                             "train_seconds": seconds_before + train_time,
                              "log_rows": csv_log.rows if csv_log else None})
         acc.wait_for_everyone()
     final = acc.unwrap_model(model)
@@ -342,9 +437,10 @@ def train_loop(task: Task, data: dict, cfg, out_dir: Path, run_hash: str, seed: 
     if speed["mfu"] is not None:
         log.info(f"{name}: {steady * 1e3:.1f} ms/step, {speed['steady_images_per_s']:.0f} img/s, "
                  f"{flops / steady / 1e12:.1f} TFLOP/s per process = MFU {speed['mfu']:.1%} of {peak / 1e12:.0f} TFLOP/s ({device_name})")
-    return {"model": final, "history": history, "steps": cfg.steps, "resumed_from": start,
+    return {"model": final, "history": history, "evals": evals, "steps": cfg.steps, "resumed_from": start,
             "images_seen": cfg.steps * global_batch * cfg.grad_accum,
-            "images_per_s": images_done / train_time if train_time else None, "accelerator": acc, "speed": speed}
+            "images_per_s": images_done / train_time if train_time else None, "accelerator": acc, "speed": speed,
+            "train_seconds": seconds_before + train_time}  # over every run that made these weights
 
 
 def _with_ema(ema, params, fn):

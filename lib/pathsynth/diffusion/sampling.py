@@ -9,7 +9,9 @@ sharded output equals unsharded output. With several processes, shard i is made 
     accelerate launch -m pathsynth.diffusion.sampling     # several GPUs (torchrun works for CPU processes)
     dvc repro guided_sampling                             # finds every shard made, merges, measures
 
-The shards are merged into ``data/guided_sampling/<mode>.h5`` at the end.
+The shards are merged into ``data/guided_sampling/<mode>.h5`` (evaluation sets) and
+``data/guided_sampling/pretrain/<mode>.h5`` (the dino_pretrain stage's training sets: the same models
+and modes, their own counts and seeds) at the end.
 """
 from __future__ import annotations
 
@@ -47,7 +49,8 @@ class Request:
     seed: np.ndarray
 
 
-def allocate(table: pd.DataFrame, n: int, allocation: str, balance_labels: bool, seed: int) -> Request:
+def allocate(table: pd.DataFrame, n: int, allocation: str, balance_labels: bool, seed: int,
+             purpose: str = "guided_sampling") -> Request:
     """Requested (label, prototype) per image, over the (label, prototype) pairs present in the diffusion
     training set (``table``: prompts_train.csv rows of the prompt-balanced subset), so every MEP prompt is
     one the model was trained on, and label and prototype are not tied to each other.
@@ -56,13 +59,17 @@ def allocate(table: pd.DataFrame, n: int, allocation: str, balance_labels: bool,
                   label gets half); without it, every pair in turn;
     proportional: prototypes drawn with their frequency among that label's training images (with
                   ``balance_labels``), or pairs drawn with their frequency (without).
+
+    ``purpose`` keys the per-image seeds: the evaluation sets ("guided_sampling") and the pretraining
+    sets ("guided_sampling_pretrain") share no seed, so no image is in both.
     """
     if n <= 0:
         raise ValueError(f"guided_sampling.n_per_mode must be > 0, got {n}")
     counts = table.groupby(["label", "prototype"]).size().sort_index()
     pairs = np.array(counts.index.tolist(), dtype=np.int64)  # [P, 2] (label, prototype), sorted
     freq = counts.to_numpy(float)
-    rng = np.random.default_rng(derive_seed(seed, "allocation"))
+    rng = np.random.default_rng(derive_seed(seed, "allocation") if purpose == "guided_sampling"
+                                else derive_seed(seed, purpose, "allocation"))
     if balance_labels:
         labels = np.unique(pairs[:, 0])
         label = labels[np.arange(n) % len(labels)]
@@ -78,7 +85,7 @@ def allocate(table: pd.DataFrame, n: int, allocation: str, balance_labels: bool,
         pick = (np.arange(n) % len(pairs) if allocation == "uniform"
                 else rng.choice(len(pairs), n, p=freq / freq.sum()))
         label, proto = pairs[pick, 0], pairs[pick, 1]
-    seeds = np.array([derive_seed(seed, "guided_sampling", i) for i in range(n)], dtype=np.int64)
+    seeds = np.array([derive_seed(seed, purpose, i) for i in range(n)], dtype=np.int64)
     return Request(label.astype(np.int64), proto.astype(np.int64), seeds)
 
 
@@ -264,16 +271,42 @@ def check_mode(models_: dict, mode: str, req: Request) -> None:
                         "noise-aware prototype classifier")
 
 
-def plan(root: Path, params, device: str):
+@dataclass
+class Plan:
+    """What the guided_sampling stage makes: the evaluation sets (``req`` for every mode of ``modes``)
+    and the pretraining sets for dino_pretrain (``pretrain_req`` for ``pretrain.modes``), apart."""
+
+    table: pd.DataFrame
+    req: Request
+    pretrain_req: Request | None
+    models: dict
+    run_dir: Path
+
+    def jobs(self, gp) -> list[tuple[str, Request, Path, int]]:
+        """(mode, request, shard folder, images) of every set, evaluation sets first."""
+        out = [(m, self.req, self.run_dir, gp.n_per_mode) for m in gp.modes]
+        if self.pretrain_req is not None:
+            out += [(m, self.pretrain_req, self.run_dir / "pretrain", gp.pretrain.n_per_mode) for m in gp.pretrain.modes]
+        return out
+
+
+def plan(root: Path, params, device: str) -> Plan:
     """What the guided_sampling stage makes, checked before any compute: the prompt table (train split),
-    the request per image, the models of every mode and the shard folder of this run."""
+    the request per image of the evaluation and pretraining sets, the models of every mode and the shard
+    folder of this run."""
     gp = params.guided_sampling
     table = pd.read_csv(root / "data" / "prototypes" / "prompts_train.csv")
-    models_ = load_models(root / "models" / "ldm_finetune", {MODE_SPEC[m][0] for m in gp.modes}, device)
-    req = allocate(table[table.in_balanced_subset], gp.n_per_mode, gp.allocation, gp.balance_labels, params.seed)
+    all_modes = list(gp.modes) + [m for m in gp.pretrain.modes if m not in gp.modes]
+    models_ = load_models(root / "models" / "ldm_finetune", {MODE_SPEC[m][0] for m in all_modes}, device)
+    train = table[table.in_balanced_subset]
+    req = allocate(train, gp.n_per_mode, gp.allocation, gp.balance_labels, params.seed)
+    pre = (allocate(train, gp.pretrain.n_per_mode, gp.allocation, gp.balance_labels, params.seed,
+                    purpose="guided_sampling_pretrain") if gp.pretrain.modes else None)
     for mode in gp.modes:
         check_mode(models_, mode, req)  # every prompt known to its model, classifier present
-    return table, req, models_, shard_dir(root)
+    for mode in gp.pretrain.modes:
+        check_mode(models_, mode, pre)
+    return Plan(table, req, pre, models_, shard_dir(root))
 
 
 def main() -> int:
@@ -285,15 +318,15 @@ def main() -> int:
     ctx = start_stage("guided_sampling")
     state = PartialState(cpu=ctx.device == "cpu")  # cpu=True: CPU processes under torchrun form a gloo group
     device = "cpu" if ctx.device == "cpu" else str(state.device)
-    _, req, models_, run_dir = plan(ctx.root, ctx.params, device)
-    for mode in ctx.params.guided_sampling.modes:
-        t = generate_mode(mode, req, models_, ctx.params.guided_sampling, run_dir, device, state.process_index,
+    p = plan(ctx.root, ctx.params, device)
+    for mode, req, folder, _ in p.jobs(ctx.params.guided_sampling):
+        t = generate_mode(mode, req, p.models, ctx.params.guided_sampling, folder, device, state.process_index,
                           state.num_processes, progress=progress)
-        print(f"process {state.process_index}/{state.num_processes} {mode}: {t['images_made']} images made "
-              f"in {t['seconds']:.1f} s", flush=True)
+        print(f"process {state.process_index}/{state.num_processes} {folder.name}/{mode}: {t['images_made']} "
+              f"images made in {t['seconds']:.1f} s", flush=True)
     state.wait_for_everyone()
     if state.is_main_process:
-        print(f"shards in {run_dir}; `dvc repro guided_sampling` merges them")
+        print(f"shards in {p.run_dir}; `dvc repro guided_sampling` merges them")
     return 0
 
 

@@ -25,10 +25,18 @@ class ExtractorError(ValueError):
     pass
 
 
-def save_extractor(backbone: torch.nn.Module, cfg: Dino, image_size: int, folder: Path) -> Path:
+TIMM_NAMES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224"}
+
+
+def save_extractor(backbone: torch.nn.Module, cfg: Dino, image_size: int, folder: Path, extra: dict | None = None) -> Path:
+    """The backbone as ``model.safetensors`` + ``config.json``, which names the timm model and its
+    arguments, so timm opens it too: ``timm.create_model(conf["timm_name"], pretrained=True,
+    pretrained_cfg_overlay=dict(file=".../model.safetensors"), **conf["timm_kwargs"])``."""
     folder.mkdir(parents=True, exist_ok=True)
     conf = {"kind": "pathsynth-dino", "arch": cfg.arch, "depth": cfg.depth, "patch_size": cfg.patch_size,
-            "image_size": image_size}
+            "image_size": image_size, "timm_name": TIMM_NAMES[cfg.arch],
+            "timm_kwargs": {"img_size": image_size, "patch_size": cfg.patch_size, "depth": cfg.depth,
+                            "num_classes": 0, "global_pool": "token", "dynamic_img_size": True}, **(extra or {})}
     save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps(conf, indent=2))
     return folder

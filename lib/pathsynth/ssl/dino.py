@@ -5,13 +5,15 @@ gradient clipping and a frozen last layer during the first epoch(s).
 
 Written here rather than taken from lightly because the study needs, in one readable file, the
 exact recipe of the reference implementation plus what lightly does not give: a collapse monitor,
-batched stain-aware multi-crop on tensors, resumable checkpoints under a params guard, and the same
-code on CPU, one GPU, or several through accelerate.
+batched stain-aware multi-crop on tensors, and the study's one training loop (``DinoTask`` on
+``training.train_loop``: checkpoints every N steps under a params guard, resume, the same code on
+CPU, one GPU, or several through accelerate).
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -21,9 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import Dino
-from ..runtime import RateLogger
-from ..training import Checkpoints, CSVLog, check_finite, params_hash, rng_state, set_rng_state
+from ..config import Dino, Loop
+from ..training import MixedStream, Task, params_hash, train_loop
 from .augment import MultiCrop
 
 log = logging.getLogger("pathsynth")
@@ -180,101 +181,153 @@ def _param_groups(model):
     return [{"params": reg}, {"params": no_reg, "weight_decay": 0.0}]
 
 
+class DinoTask(Task):
+    """DINO as a task of the study's one training loop (``training.train_loop``): the loop does the
+    accelerator, mixed precision, several processes, checkpoints every N steps, resume and logs; this
+    adds what DINO needs around the optimiser step, as the reference does it per iteration: cosine
+    schedules of lr (linear warm-up, scaled by batch/256) and weight decay (regularised group only),
+    the last layer frozen during the first epochs, the EMA teacher with a cosine momentum schedule, and
+    the collapse monitor at every log step. ``steps_per_epoch`` turns the recipe's epochs into steps.
+    The teacher (no stochastic depth, eval mode, no gradients) and the loss centre are part of the
+    module, so they travel in the checkpoints."""
+
+    owns_schedule = True
+    log_fields = ("epoch", "wd", "momentum", "teacher_entropy", "batch_entropy")
+
+    def __init__(self, cfg: Dino, image_size: int, steps_per_epoch: int, world_size: int = 1):
+        super().__init__()
+        self.cfg, self.steps_per_epoch = cfg, steps_per_epoch
+        self.student, self.teacher = build_student_teacher(cfg, image_size)
+        self.loss_fn = DINOLoss(cfg.out_dim, 2 + cfg.local_crops_number, cfg.warmup_teacher_temp, cfg.teacher_temp,
+                                cfg.warmup_teacher_temp_epochs, cfg.epochs, cfg.student_temp, cfg.center_momentum)
+        self.crops = MultiCrop(image_size, cfg.patch_size, tuple(cfg.global_crop_scale), tuple(cfg.local_crop_scale),
+                               cfg.local_crops_number, cfg.local_crop_fraction)
+        self.lr_s = cosine_schedule(cfg.lr * cfg.batch_size * world_size / 256.0, cfg.min_lr, cfg.epochs,
+                                    steps_per_epoch, cfg.warmup_epochs)
+        self.wd_s = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, steps_per_epoch)
+        self.mom_s = cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, steps_per_epoch)
+        self.monitor, self.collapse = CollapseMonitor(cfg.out_dim), []
+        self.step_now, self._t_out = 0, None
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.lr_s)
+
+    def epoch(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher never trains and has no stochastic depth
+        return self
+
+    def param_groups(self):
+        return _param_groups(self.student)
+
+    def before_step(self, step, optimizer):
+        self.step_now = step
+        for i, group in enumerate(optimizer.param_groups):
+            group["lr"] = float(self.lr_s[step])
+            if i == 0:  # the regularised group; biases and norms keep weight decay 0
+                group["weight_decay"] = float(self.wd_s[step])
+
+    def forward(self, batch, g):
+        x = batch["x"].permute(0, 3, 1, 2).float().div_(255.0)
+        views = self.crops(x, g)
+        with torch.no_grad():
+            t_out = self.teacher(views[:2])
+        self._t_out = t_out.detach()
+        return self.loss_fn(self.student(views), t_out, self.epoch(self.step_now))
+
+    def before_optimizer_step(self, step):
+        if self.epoch(step) < self.cfg.freeze_last_layer_epochs:
+            for p in self.student.head.last_layer.parameters():
+                p.grad = None
+
+    @torch.no_grad()
+    def after_step(self, step):
+        m = float(self.mom_s[step])
+        tp, sp = list(self.teacher.parameters()), [p.detach() for p in self.student.parameters()]
+        torch._foreach_mul_(tp, m)
+        torch._foreach_add_(tp, sp, alpha=1 - m)
+
+    def log_values(self, step, loss):
+        epoch = self.epoch(step)
+        with torch.no_grad():
+            stats = collapse_stats(self.loss_fn.teacher_probs(self._t_out.float(), epoch))
+        problems = self.monitor.check(loss, stats, epoch)
+        if problems:
+            self.collapse.append({"step": step, "problems": problems})
+        return {"epoch": epoch, "wd": float(self.wd_s[step]), "momentum": float(self.mom_s[step]), **stats}
+
+    def get_extra_state(self):  # the collapse record travels in the checkpoints
+        return {"collapse": self.collapse, "warned": self.monitor.warned}
+
+    def set_extra_state(self, state):
+        self.collapse, self.monitor.warned = list(state["collapse"]), bool(state["warned"])
+
+
+def world_size() -> int:
+    """Processes of this run (``accelerate launch`` and torchrun set WORLD_SIZE), known before the loop
+    starts: DINO's batch size is per process, so steps per epoch and the lr scaling depend on it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def loop_settings(cfg: Dino, steps: int) -> Loop:
+    """The training-loop settings of a DINO run: its own schedules (``DinoTask``), no diffusers EMA."""
+    return Loop(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, lr_schedule="constant", warmup_steps=0,
+                grad_accum=1, clip_grad=cfg.clip_grad or None, weight_decay=cfg.weight_decay, ema_decay=None,
+                mixed_precision=cfg.mixed_precision, use_8bit_adam=False, gradient_checkpointing=False,
+                compile=False, channels_last=False, measure_flops=True, checkpoint_every=cfg.checkpoint_every,
+                keep_checkpoints=2, sample_every=0, log_every=cfg.log_every)
+
+
+def check_images(images, what: str = "DINO training images") -> None:
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"{what}: expected uint8 [N, H, W, 3], got {images.dtype} {list(images.shape)}")
+    if len(images) < 2:
+        raise ValueError(f"{what}: {len(images)} image(s); DINO needs at least 2 (one batch of 2)")
+
+
 def train_dino(images: np.ndarray, cfg: Dino, out_dir: Path, seed: int, device: str = "cpu",
-               plots_csv: Path | None = None, progress=None) -> dict:
-    """Train DINO on uint8 [N,H,W,3] images. Resumes from ``out_dir/checkpoint-*`` when the params
-    match; returns {"backbone": teacher backbone (eval), "history": [...], "collapse": [...]}."""
-    from accelerate import Accelerator
-
-    n, size = len(images), images.shape[1]
-    if cfg.batch_size > n:
-        raise ValueError(f"dino.batch_size {cfg.batch_size} is larger than the {n} training images")
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=(device == "cpu"))
+               plots_csv: Path | None = None, progress=None, *, second: np.ndarray | None = None,
+               ratio: float = 0.0, steps_per_epoch: int | None = None, evaluate=None, run_hash: str | None = None,
+               name: str = "dino") -> dict:
+    """Train DINO on uint8 [N,H,W,3] images through ``training.train_loop`` (resumes from
+    ``out_dir/checkpoint-*`` when the params match). With ``second`` (e.g. synthetic images) each batch
+    takes a share ``ratio`` from it (``MixedStream``). ``steps_per_epoch`` (default: one pass over
+    ``images``) sets the length of an epoch of the recipe, so regimes of different data sizes get the same
+    budget; ``evaluate(task) -> dict`` runs once per epoch. Returns the teacher backbone (eval), the
+    student, teacher, loss and crops, the per-log-step history, the evaluations and the collapse record."""
+    check_images(images)
+    second = np.zeros((0, *images.shape[1:]), np.uint8) if second is None else second
+    if len(second):
+        check_images(second, "DINO second image set")
+        if second.shape[1:] != images.shape[1:]:
+            raise ValueError(f"the second image set has images of {list(second.shape[1:])}, the first of "
+                             f"{list(images.shape[1:])}: both must have the same size")
+    world = world_size()
+    global_batch = cfg.batch_size * world
+    n = len(images) + len(second)
+    if global_batch > n:
+        raise ValueError(f"dino.batch_size {cfg.batch_size} (x {world} processes) is larger than the {n} training images")
+    steps_per_epoch = steps_per_epoch or len(images) // global_batch
+    if steps_per_epoch < 1:
+        raise ValueError(f"an epoch of {len(images)} images at batch {global_batch} has no step")
+    size = images.shape[1]
     torch.manual_seed(seed)
-    student, teacher = build_student_teacher(cfg, size)
-    crops = MultiCrop(size, cfg.patch_size, tuple(cfg.global_crop_scale), tuple(cfg.local_crop_scale),
-                      cfg.local_crops_number, cfg.local_crop_fraction)
-    loss_fn = DINOLoss(cfg.out_dim, 2 + cfg.local_crops_number, cfg.warmup_teacher_temp, cfg.teacher_temp,
-                       cfg.warmup_teacher_temp_epochs, cfg.epochs, cfg.student_temp, cfg.center_momentum)
-    opt = torch.optim.AdamW(_param_groups(student))
-    global_batch = cfg.batch_size * acc.num_processes  # batch_size is per process, as in DINO
-    steps_per_epoch = n // global_batch
-    total = steps_per_epoch * cfg.epochs
-    lr_s = cosine_schedule(cfg.lr * cfg.batch_size * acc.num_processes / 256.0, cfg.min_lr, cfg.epochs,
-                           steps_per_epoch, cfg.warmup_epochs)
-    wd_s = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, steps_per_epoch)
-    mom_s = cosine_schedule(cfg.momentum_teacher, 1.0, cfg.epochs, steps_per_epoch)
-
-    ckpt = Checkpoints(out_dir, params_hash({"dino": cfg.model_dump(mode="json"), "seed": seed, "n": n, "size": size}))
-    start_epoch, history, log_rows = 0, [], None
-    last = ckpt.latest()
-    if last is not None:
-        st = Checkpoints.load(last)
-        student.load_state_dict(st["student"]), teacher.load_state_dict(st["teacher"])
-        opt.load_state_dict(st["opt"]), loss_fn.load_state_dict(st["loss"])
-        set_rng_state(st["rng"])
-        start_epoch, history, log_rows = st["epoch"] + 1, st["history"], st.get("log_rows")
-        log.info(f"DINO: resumed from {last} (epoch {start_epoch}/{cfg.epochs})")
-    student, opt = acc.prepare(student, opt)
-    dev = acc.device
-    teacher, loss_fn = teacher.to(dev), loss_fn.to(dev)  # no gradients: not wrapped for DDP
-    csv_log = CSVLog(plots_csv, ["step", "epoch", "loss", "lr", "wd", "momentum", "teacher_entropy",
-                                 "batch_entropy"], resume_step=start_epoch * steps_per_epoch, rows=log_rows) if plots_csv else None
-    monitor = CollapseMonitor(cfg.out_dim)
-    rate = RateLogger(total, "dino")
-    x_all = torch.from_numpy(images)
-    collapse = []
-    for epoch in range(start_epoch, cfg.epochs):
-        g = torch.Generator().manual_seed(seed * 1000 + epoch)
-        order = torch.randperm(n, generator=g)
-        student.train()
-        ep_losses = []
-        for it in range(steps_per_epoch):
-            step = epoch * steps_per_epoch + it
-            for i, group in enumerate(opt.param_groups):
-                group["lr"] = lr_s[step]
-                if i == 0:
-                    group["weight_decay"] = wd_s[step]
-            idx = order[it * global_batch:(it + 1) * global_batch][acc.process_index::acc.num_processes]
-            batch = x_all[idx].to(dev).permute(0, 3, 1, 2).float().div_(255.0)
-            views = crops(batch, g if dev.type == "cpu" else torch.Generator(device=dev).manual_seed(seed + step))
-            with acc.autocast():
-                t_out = teacher(views[:2])
-                s_out = student(views)
-                loss = loss_fn(s_out, t_out, epoch)
-            lv = float(loss.detach())
-            check_finite(lv, step, ckpt.list()[-1] if ckpt.list() else None)
-            opt.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            if cfg.clip_grad:
-                acc.clip_grad_norm_(student.parameters(), cfg.clip_grad)
-            if epoch < cfg.freeze_last_layer_epochs:
-                for p in acc.unwrap_model(student).head.last_layer.parameters():
-                    p.grad = None
-            opt.step()
-            with torch.no_grad():
-                m = mom_s[step]
-                for ps, pt in zip(acc.unwrap_model(student).parameters(), teacher.parameters()):
-                    pt.data.mul_(m).add_((1 - m) * ps.detach().data)
-            ep_losses.append(lv)
-            if step % cfg.log_every == 0 or it == steps_per_epoch - 1:
-                with torch.no_grad():
-                    stats = collapse_stats(loss_fn.teacher_probs(t_out.float(), epoch))
-                problems = monitor.check(lv, stats, epoch)
-                if problems:
-                    collapse.append({"step": step, "problems": problems})
-                if csv_log and acc.is_main_process:
-                    csv_log.write(step=step, epoch=epoch, loss=lv, lr=lr_s[step], wd=wd_s[step], momentum=m, **stats)
-                rate(step + 1, (step + 1 - start_epoch * steps_per_epoch) * cfg.batch_size, loss=lv, epoch=epoch)
-        history.append({"epoch": epoch, "loss": float(np.mean(ep_losses))})
-        if acc.is_main_process:
-            ckpt.save(epoch, {"student": acc.unwrap_model(student).state_dict(),
-                              "teacher": teacher.state_dict(),
-                              "opt": opt.state_dict(), "loss": loss_fn.state_dict(),
-                              "rng": rng_state(), "epoch": epoch, "history": history,
-                              "log_rows": csv_log.rows if csv_log else None})
-        acc.wait_for_everyone()
-    backbone = teacher.backbone.eval()
-    return {"backbone": backbone, "student": acc.unwrap_model(student).eval(), "teacher": teacher.eval(),
-            "loss_fn": loss_fn, "crops": crops, "history": history, "collapse": collapse, "steps": total,
-            "images_seen": total * cfg.batch_size, "max_entropy": math.log(cfg.out_dim)}
+    task = DinoTask(cfg, size, steps_per_epoch, world)
+    batches = MixedStream(len(images), len(second), ratio, global_batch, seed)
+    run_hash = run_hash or params_hash({"dino": cfg.model_dump(mode="json"), "seed": seed, "n": len(images),
+                                        "second": len(second), "ratio": ratio, "size": size,
+                                        "steps_per_epoch": steps_per_epoch, "world": world})
+    data = {"x": torch.from_numpy(np.concatenate([images, second]) if len(second) else images)}
+    out = train_loop(task, data, loop_settings(cfg, task.total_steps), Path(out_dir), run_hash, seed, device,
+                     log_csv=plots_csv, name=name, batches=batches, evaluate=evaluate,
+                     eval_every=steps_per_epoch if evaluate else 0)
+    t = out["model"]
+    return {"backbone": t.teacher.backbone.eval(), "student": t.student.eval(), "teacher": t.teacher.eval(),
+            "loss_fn": t.loss_fn, "crops": t.crops, "history": out["history"], "evals": out["evals"],
+            "collapse": t.collapse, "steps": task.total_steps, "images_seen": out["images_seen"],
+            "images_per_s": out["images_per_s"], "train_seconds": out["train_seconds"], "speed": out["speed"],
+            "max_entropy": math.log(cfg.out_dim)}
