@@ -28,6 +28,16 @@ def test_fd_matches_torchmetrics_and_scipy():
     assert mine == pytest.approx(ref, rel=1e-8)
 
 
+def test_fd_matches_scipy_sqrtm_when_n_is_below_the_dimension():
+    """The study's spaces are wide (192-768) and sets small (N = 128 on tiny): rank-deficient covariances."""
+    from scipy.linalg import sqrtm
+
+    x, y = _gauss(100, 192, 5), _gauss(120, 192, 6, 0.2)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    ref = ((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * sqrtm(s1 @ s2).real)
+    assert F.fd(x, y)["value"] == pytest.approx(ref, rel=1e-6)
+
+
 def test_fd_of_a_set_to_itself_is_zero_and_a_shift_gives_its_square():
     x = _gauss(500, 6, 2)
     assert F.fd(x, x)["value"] == pytest.approx(0, abs=1e-7)
@@ -84,3 +94,45 @@ def test_bad_features_are_clear_errors(real, fake, match):
 def test_kid_subset_larger_than_the_sets_is_an_error():
     with pytest.raises(F.MetricError, match="KID subset size 100 is larger than the sets"):
         F.kid(_gauss(50, 3, 0), _gauss(80, 3, 1), subset_size=100)
+
+
+def test_fd_ratio_paired_bootstrap():
+    rng = np.random.default_rng(3)
+    real = rng.normal(size=(400, 8))
+    near, far = rng.normal(0.2, 1, size=(400, 8)), rng.normal(1.0, 1, size=(400, 8))
+    r = F.fd_ratio(real, near, far, n_bootstrap=100, seed=1)
+    assert r["value"] == pytest.approx(F.fd(real, near)["value"] / F.fd(real, far)["value"])
+    assert r["ci95"][0] < r["value"] < r["ci95"][1] < 1  # near is closer: the CI excludes 1
+    same = F.fd_ratio(real, near, rng.normal(0.2, 1, size=(400, 8)), n_bootstrap=100, seed=1)
+    assert same["ci95"][0] < 1 < same["ci95"][1]  # two samples of one distribution: 1 is inside
+
+
+def test_inception_fid_path_with_a_stand_in_weights_file(tmp_path):
+    """The standard-FID path: torchmetrics' NoTrainInceptionV3 from a local weights file. The real FID
+    weights cannot be downloaded here, so a stand-in file with the same keys (random weights) is used;
+    the features must equal those of the torchmetrics network built from that file directly."""
+    from unittest import mock
+
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    from pathsynth.metrics import inception
+
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None), \
+            mock.patch("torch.load", return_value={}):
+        stand_in = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                      feature_extractor_weights_path="unused")
+    weights = tmp_path / "weights-inception-stand-in.pth"
+    torch.save(stand_in.state_dict(), weights)
+    assert inception.inception_weights(None, tmp_path) is None
+    with pytest.raises(F.MetricError, match="not found"):
+        inception.inception_weights("nope.pth", tmp_path)
+    imgs = (np.random.default_rng(0).random((3, 32, 32, 3)) * 255).astype(np.uint8)
+    f = inception.inception_features(imgs, inception.inception_weights(weights.name, tmp_path), batch_size=2)
+    ref = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                             feature_extractor_weights_path=str(weights)).eval()
+    with torch.no_grad():
+        want = ref(torch.from_numpy(imgs).permute(0, 3, 1, 2)).double().numpy()
+    assert f.shape == (3, 2048)
+    np.testing.assert_allclose(f, want, rtol=1e-5, atol=1e-6)

@@ -53,3 +53,26 @@ def test_auroc_matches_sklearn():
     rng = np.random.default_rng(3)
     y, s = rng.integers(0, 2, 100), rng.random(100)
     assert R.auroc_ci(y, s, 50, 0)["auroc"] == pytest.approx(roc_auc_score(y, s))
+
+
+def test_pixel_c2st_is_at_chance_for_one_distribution_and_near_one_for_blur(phantom_small):
+    from pathsynth.data.prep import resize
+
+    x = resize(phantom_small.x, 16)
+    x = np.concatenate([x, x[:, ::-1], x[:, :, ::-1], np.rot90(x, 1, axes=(1, 2))])  # 192 patches
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(len(x))
+    a, b = x[perm[:96]], x[perm[96:]]
+    same, dec = R.c2st_cnn(a, b, seed=2, epochs=6, n_bootstrap=200)
+    assert same["ci95"][0] < 0.5 < same["ci95"][1], same
+    blurred = b.astype(np.float32)
+    for _ in range(2):  # a 2x2 box blur, twice: what a weak decoder does to nuclei
+        blurred = (blurred + np.roll(blurred, 1, 1) + np.roll(blurred, 1, 2) + np.roll(blurred, (1, 1), (1, 2))) / 4
+    diff, _ = R.c2st_cnn(a, blurred.astype(np.uint8), seed=2, epochs=10, n_bootstrap=200)
+    assert diff["auroc"] > 0.9, diff
+    reads, key = R.machine_reads(dec, "machine:c2st_cnn", "c2st-test", "cfg_mep")
+    assert list(reads.columns) == R.READS_COLUMNS and len(reads) == len(key) == len(dec)
+    assert set(reads.answer) <= {"real", "synthetic"} and reads.confidence.between(1, 5).all()
+    assert "truth" not in reads.columns and key.image_id.str.match(r"^(real|cfg_mep):\d+$").all()
+    with pytest.raises(MetricError, match="one size"):
+        R.c2st_cnn(a, x[:8, :8, :8], seed=0)

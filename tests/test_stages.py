@@ -76,12 +76,14 @@ SMALL_ALL = {**SMALL_LDM,
              "guided_sampling": {"n_per_mode": 8, "steps": 3, "shard_size": 4, "batch_size": 4, "pretrain": {"n_per_mode": 24}},
              "dino_pretrain": {"ladder": [0.25], "umap_max_points": 40, "dino": {
                  "depth": 1, "epochs": 2, "out_dim": 128, "head_hidden_dim": 64, "head_bottleneck_dim": 32,
-                 "batch_size": 16, "log_every": 2, "checkpoint_every": 4}}}
+                 "batch_size": 16, "log_every": 2, "checkpoint_every": 4}},
+             "fid_umap_coverage": {"n_bootstrap": 20, "kid_subsets": 5, "kid_subset_size": 6, "c2st_cnn_epochs": 2,
+                                   "umap_max_points": 60, "n_closest_pairs": 4}}
 
 
 def test_study_through_dvc_and_papermill(dvc_study):
-    """data_prep -> prototypes -> ldm_finetune -> guided_sampling -> dino_pretrain on small settings, then a
-    no-op repro."""
+    """data_prep -> prototypes -> ldm_finetune -> guided_sampling -> dino_pretrain -> fid_umap_coverage on small
+    settings, then a no-op repro."""
     from pathsynth.prototypes.features import SelfTrained
     from pathsynth.prototypes.prompts import mep_prompt
 
@@ -175,6 +177,25 @@ def test_study_through_dvc_and_papermill(dvc_study):
     np.testing.assert_allclose(back, f_real, rtol=1e-4, atol=1e-5)
     for fig in ("knn", "ladder", "umap"):
         assert (s.root / "reports" / "figures" / f"dino_pretrain_{fig}.png").stat().st_size > 5000
+    # fid_umap_coverage: every set in two named spaces at one N with CIs, the ratio, audit, readers
+    run([sys.executable, "-m", "dvc", "repro", "fid_umap_coverage"], s.root)
+    fm = json.loads((s.root / "metrics" / "fid_umap_coverage.json").read_text())
+    assert fm["n_per_set"] == 8 and fm["fid_inception"] == "not computed: no Inception weights"
+    for space in ("fd_dino", "fd_dino_real"):
+        assert set(fm[space]) == {"real_valid", *modes}
+        for r in fm[space].values():
+            assert 0 <= r["fd"]["ci95"][0] <= r["fd"]["ci95"][1] and 0 <= r["coverage"] <= 1
+    assert set(fm["fd_ratio_cfg_mep_over_cfg_baseline"]) == {"dino", "dino_real"}
+    assert set(fm["hit_rate_independent"]) == set(modes) and set(fm["memorisation"]) == set(modes)
+    from pathsynth.metrics.readers import READS_COLUMNS
+
+    for mode in modes:
+        for reader in ("c2st_linear_dino_real", "c2st_cnn_pixels"):
+            reads = pd.read_csv(s.root / "data" / "fid_umap_coverage" / "machine_reads" / f"{reader}_{mode}.csv")
+            assert list(reads.columns) == READS_COLUMNS and len(reads) == 8  # half of 8 + 8 held out
+        assert 0 <= fm["machine_readers"][mode]["cnn_pixels"]["auroc"] <= 1
+    for fig in ("fd", "coverage_by_prototype", "umap", "memorisation", "c2st"):
+        assert (s.root / "reports" / "figures" / f"fid_umap_coverage_{fig}.png").stat().st_size > 5000
     assert "Running stage" not in run([sys.executable, "-m", "dvc", "repro"], s.root)
     # several processes split the shards (torchrun on CPU here, `accelerate launch` on GPUs) and make the
     # images the single-process stage made

@@ -315,6 +315,24 @@ class DinoPretrain(Strict):
         return self
 
 
+# --------------------------------------------------------------------------------------- fidelity
+class FidUmapCoverage(Strict):
+    """Fidelity, diversity, coverage, memorisation and machine readers of every synthetic evaluation set."""
+
+    n_reference: int = Field(ge=10)  # real train images (a seeded subsample) every set is compared with
+    n_per_set: Optional[int] = Field(ge=10)  # images per set, the same for all (null: the smallest set / real valid)
+    n_bootstrap: int = Field(ge=10)  # FD and FD-ratio bootstrap resamples, AUROC bootstrap
+    kid_subsets: int = Field(ge=1)
+    kid_subset_size: int = Field(ge=2)
+    prdc_k: int = Field(ge=1)  # Naeem et al.: 5
+    copy_quantile: float = Field(gt=0, lt=1)  # copy threshold: this quantile of real test-to-train distances
+    c2st_test_fraction: float = Field(gt=0, lt=1)
+    c2st_cnn_epochs: int = Field(ge=1)
+    inception_weights: Optional[str]  # local FID weights file (torch-fidelity's pt_inception-2015-12-05); null: no FID
+    umap_max_points: int = Field(ge=10)
+    n_closest_pairs: int = Field(ge=1)
+
+
 class Params(Strict):
     profile: str
     seed: int
@@ -326,6 +344,7 @@ class Params(Strict):
     ldm_finetune: LDMFinetune
     guided_sampling: GuidedSampling
     dino_pretrain: DinoPretrain
+    fid_umap_coverage: FidUmapCoverage
 
     @model_validator(mode="after")
     def _cross_check(self):

@@ -99,3 +99,13 @@ def silhouette(features: np.ndarray, labels: np.ndarray, max_points: int, seed: 
     idx = rng.choice(len(features), min(max_points, len(features)), replace=False)
     return {"value": float(silhouette_score(features[idx], labels[idx], random_state=seed % 2**32)),
             "n": int(len(idx)), "seed": int(seed), "space": "raw CLS features"}
+
+
+def centroids_in(features: np.ndarray, prototypes: np.ndarray, k: int) -> np.ndarray:
+    """The prototypes re-derived in another feature space: the mean, in that space, of the real images the
+    prototypes stage assigned to each prototype (a prototype without images is an error). With ``assign``
+    this judges a synthetic image's prototype in a space the guidance never saw."""
+    missing = sorted(set(range(k)) - set(np.unique(prototypes).tolist()))
+    if missing:
+        raise ValueError(f"prototypes {missing[:5]} have no real images to re-derive them from")
+    return np.stack([features[prototypes == c].mean(0) for c in range(k)])
