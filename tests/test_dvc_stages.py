@@ -16,7 +16,8 @@ from conftest import ROOT
 
 LIB = ROOT / "lib"
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-SECTIONS = {"seed", "device", "allow_network", "data", "data_prep", "prototypes", "ldm_finetune", "guided_sampling"}
+SECTIONS = {"seed", "device", "allow_network", "data", "data_prep", "prototypes", "ldm_finetune", "guided_sampling",
+            "dino_pretrain", "fid_umap_coverage", "linear_probe"}
 
 
 def notebook_code(stage: str) -> str:

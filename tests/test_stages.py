@@ -78,11 +78,13 @@ SMALL_ALL = {**SMALL_LDM,
                  "depth": 1, "epochs": 2, "out_dim": 128, "head_hidden_dim": 64, "head_bottleneck_dim": 32,
                  "batch_size": 16, "log_every": 2, "checkpoint_every": 4}},
              "fid_umap_coverage": {"n_bootstrap": 20, "kid_subsets": 5, "kid_subset_size": 6, "c2st_cnn_epochs": 2,
-                                   "umap_max_points": 60, "n_closest_pairs": 4}}
+                                   "umap_max_points": 60, "n_closest_pairs": 4},
+             "linear_probe": {"n_bootstrap": 50, "n_seeds": 2, "c_grid": [0.1, 1.0],
+                              "supervised": {"steps": 10, "batch_size": 8, "real_sizes": [4, 16]}}}
 
 
 def test_study_through_dvc_and_papermill(dvc_study):
-    """data_prep -> prototypes -> ldm_finetune -> guided_sampling -> dino_pretrain -> fid_umap_coverage on small
+    """data_prep -> prototypes -> ldm_finetune -> guided_sampling -> dino_pretrain -> fid_umap_coverage -> linear_probe on small
     settings, then a no-op repro."""
     from pathsynth.prototypes.features import SelfTrained
     from pathsynth.prototypes.prompts import mep_prompt
@@ -196,7 +198,40 @@ def test_study_through_dvc_and_papermill(dvc_study):
         assert 0 <= fm["machine_readers"][mode]["cnn_pixels"]["auroc"] <= 1
     for fig in ("fd", "coverage_by_prototype", "umap", "memorisation", "c2st"):
         assert (s.root / "reports" / "figures" / f"fid_umap_coverage_{fig}.png").stat().st_size > 5000
+    # linear_probe: every backbone probed with CIs and paired tests; the supervised runs; no slide ids here
+    run([sys.executable, "-m", "dvc", "repro", "linear_probe"], s.root)
+    lm = json.loads((s.root / "metrics" / "linear_probe.json").read_text())
+    assert list(lm["backbones"]) == [*regimes, "prototypes_dino"]
+    n_test = m["n"]["test"]
+    for name, b in lm["backbones"].items():
+        for probe in ("linear", "knn"):
+            for metric in ("auroc", "balanced_accuracy", "f1"):
+                r = b[probe][metric]
+                assert 0 <= r["ci95"][0] <= r["value"] <= r["ci95"][1] <= 1, (name, probe, metric)
+            assert b[probe]["n"] == n_test
+        assert b["linear"]["n_seeds"] == 2 and b["linear"]["C"] in (0.1, 1.0)
+    assert {(c["a"], c["b"]) for c in lm["paired"]} >= {("synthetic_classifier", "real"), ("hybrid_25pct", "real_25pct")}
+    assert all(c["reading"] in ("better", "comparable", "not shown", "worse") and c["auroc_p_holm"] >= c["auroc_p"]
+               for c in lm["paired"])
+    runs = lm["supervised"]["runs"]
+    n_syn = lm["supervised"]["n_synthetic"]
+    assert n_syn == 8 and {f"synthetic:{m_}" for m_ in modes} | {"real:4", "real:16", "real:8", "real+cfg_mep:16"} <= set(runs)
+    assert runs["real+cfg_mep:16"]["n_real"] == 16 and runs["real+cfg_mep:16"]["n_synthetic"] == 8
+    assert lm["slide_level"] == {"computed": False, "reason": "not computed: no slide ids (the data carry no meta/wsi)"}
+    scores = pd.read_csv(s.root / "data" / "linear_probe" / "test_scores.csv")
+    assert len(scores) == n_test and "linear:real" in scores and "cnn:synthetic:cfg_mep" in scores
+    for fig in ("forest", "roc", "efficiency"):
+        assert (s.root / "reports" / "figures" / f"linear_probe_{fig}.png").stat().st_size > 5000
     assert "Running stage" not in run([sys.executable, "-m", "dvc", "repro"], s.root)
+    # bad input, each a clear error before any compute: a backbone dino_pretrain did not make, missing weights
+    for bad, says in (({"backbones": ["real", "synthetic_unguided"]}, "names 'synthetic_unguided', which dino_pretrain does not make"),
+                      ({"external": [{"name": "uni", "timm_model": "resnet10t", "weights": "weights/none.safetensors"}]},
+                       "weights file")):
+        s.set_params(**{**SMALL_ALL, "linear_probe": {**SMALL_ALL["linear_probe"], **bad}})
+        r = subprocess.run([str(s.root / "bin" / "stage"), "linear_probe"], cwd=s.root, capture_output=True, text=True,
+                           env={**os.environ, "PATHSYNTH_PYTHON": sys.executable}, timeout=300)
+        assert r.returncode != 0 and says in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
+    s.set_params(**SMALL_ALL)
     # several processes split the shards (torchrun on CPU here, `accelerate launch` on GPUs) and make the
     # images the single-process stage made
     import shutil

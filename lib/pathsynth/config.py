@@ -333,6 +333,53 @@ class FidUmapCoverage(Strict):
     n_closest_pairs: int = Field(ge=1)
 
 
+# --------------------------------------------------------------------------------------- linear probes
+class ExternalEncoder(Strict):
+    """An encoder the user names by a local weights file: a timm model (ImageNet or a pathology model)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # its row in every table
+    timm_model: str  # e.g. resnet50.a1_in1k, vit_large_patch16_224 (UNI)
+    weights: str  # local file (safetensors or a torch state dict), relative to the study root or absolute
+    kwargs: dict = {}  # extra timm.create_model arguments (e.g. UNI: init_values 1e-5, dynamic_img_size true)
+    input_size: Optional[int] = Field(default=None, ge=8)  # null: the model's own input size
+
+
+class Supervised(Strict):
+    """The image-derived-prompt paper's supervised experiment: one small CNN recipe for every training set."""
+
+    image_size: int = Field(ge=8)  # the classifier's input (area-downsampled from the study's images)
+    steps: int = Field(ge=1)  # the same budget for every training set
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    n_synthetic: Optional[int] = Field(ge=2)  # images per synthetic set (null: the smallest evaluation set)
+    real_sizes: list[int]  # the real-only (and real + synthetic) ladder, besides the synthetic N and the whole split
+    mixed_mode: Mode  # the synthetic set added to real data in the mixed runs
+
+
+class LinearProbe(Strict):
+    """Downstream evaluation on the real test split (eva protocol; STUDY.md A.6, B.6, B.9)."""
+
+    backbones: Optional[list[str]]  # dino_pretrain regimes to probe (null: every regime it makes)
+    external: list[ExternalEncoder]
+    c_grid: list[float]  # logistic regression: inverse L2 strengths tried, chosen by real valid AUROC
+    n_seeds: int = Field(ge=1)
+    knn_k: int = Field(ge=1)
+    knn_temperature: float = Field(gt=0)
+    n_bootstrap: int = Field(ge=10)
+    noninferiority_margin: float = Field(ge=0, lt=0.5)  # AUROC: "comparable" = lower CI of the difference above -margin
+    supervised: Supervised
+    mil_epochs: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.c_grid or min(self.c_grid) <= 0:
+            raise ValueError(f"c_grid: {self.c_grid} must be a non-empty list of positive numbers")
+        names = [e.name for e in self.external]
+        if len(set(names)) != len(names):
+            raise ValueError(f"external: names must differ, got {names}")
+        return self
+
+
 class Params(Strict):
     profile: str
     seed: int
@@ -345,6 +392,7 @@ class Params(Strict):
     guided_sampling: GuidedSampling
     dino_pretrain: DinoPretrain
     fid_umap_coverage: FidUmapCoverage
+    linear_probe: LinearProbe
 
     @model_validator(mode="after")
     def _cross_check(self):
@@ -353,6 +401,13 @@ class Params(Strict):
             if m not in made:
                 raise ValueError(f"dino_pretrain names synthetic mode '{m}', which guided_sampling does not make "
                                  f"(guided_sampling.pretrain.modes: {list(made)})")
+        own = [e.name for e in self.linear_probe.external
+               if e.name in ("prototypes_dino", "random_init", "real", "hybrid") or e.name.startswith(("synthetic_", "real_", "hybrid_"))]
+        if own:
+            raise ValueError(f"linear_probe.external: names {own} are taken by the study's own backbones")
+        if self.linear_probe.supervised.mixed_mode not in self.guided_sampling.modes:
+            raise ValueError(f"linear_probe.supervised.mixed_mode '{self.linear_probe.supervised.mixed_mode}' is not "
+                             f"one of guided_sampling.modes {list(self.guided_sampling.modes)}")
         return self
 
 

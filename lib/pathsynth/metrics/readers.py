@@ -50,61 +50,25 @@ def c2st_linear(real: np.ndarray, fake: np.ndarray, test_fraction: float = 0.5, 
     return result, decisions
 
 
-class _SmallCNN(__import__("torch").nn.Module):
-    """Three conv blocks and a linear read-out: enough to see blur, colour and texture statistics."""
-
-    def __init__(self, width: int = 16):
-        import torch.nn as nn
-
-        super().__init__()
-        layers, c = [], 3
-        for w in (width, 2 * width, 4 * width):
-            layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2)]
-            c = w
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(c, 1)
-
-    def forward(self, x):
-        return self.head(self.features(x)).squeeze(1)
-
-
 def c2st_cnn(real: np.ndarray, fake: np.ndarray, test_fraction: float = 0.5, seed: int = 0, epochs: int = 10,
              batch_size: int = 64, n_bootstrap: int = 500, device: str = "cpu") -> tuple[dict, pd.DataFrame]:
     """A small CNN on pixels (uint8 [N, H, W, 3], random flips and quarter turns as augmentation) trained to
     tell synthetic from real on part of the images; held-out AUROC with its CI and per-image decisions."""
-    import torch
     from sklearn.model_selection import train_test_split
+
+    from .cnn import predict, to_tensor, train_cnn
 
     if real.ndim != 4 or fake.ndim != 4 or real.shape[1:] != fake.shape[1:]:
         raise MetricError(f"pixel reader: real images {list(real.shape[1:])} and synthetic images "
                           f"{list(fake.shape[1:])} must have one size")
     if min(len(real), len(fake)) < 4:
         raise MetricError("pixel reader: at least 4 real and 4 synthetic images are needed")
-    x = torch.from_numpy(np.concatenate([real, fake])).permute(0, 3, 1, 2).float().div(255)
+    x = to_tensor(np.concatenate([real, fake]))
     y = np.r_[np.zeros(len(real), int), np.ones(len(fake), int)]
     idx = np.r_[np.arange(len(real)), np.arange(len(fake))]
     tr, te = train_test_split(np.arange(len(y)), test_size=test_fraction, stratify=y, random_state=seed % 2**32)
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    net = _SmallCNN().to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    yt = torch.from_numpy(y).float()
-    for _ in range(epochs):
-        net.train()
-        order = torch.from_numpy(tr)[torch.randperm(len(tr), generator=g)]
-        for s in range(0, len(order), batch_size):
-            b = order[s:s + batch_size]
-            xb = x[b]
-            if torch.rand(1, generator=g) < 0.5:
-                xb = xb.flip(-1)
-            xb = torch.rot90(xb, int(torch.randint(0, 4, (1,), generator=g)), dims=(-2, -1))
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(net(xb.to(device)), yt[b].to(device))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    net.eval()
-    with torch.no_grad():
-        p = torch.cat([torch.sigmoid(net(x[te][s:s + 256].to(device))).cpu() for s in range(0, len(te), 256)]).numpy()
+    net = train_cnn(x, y, tr, epochs * -(-len(tr) // batch_size), batch_size, seed, device)
+    p = predict(net, x[te], device)
     result = {**auroc_ci(y[te], p, n_bootstrap, seed), "reader": "small CNN on pixels", "n_train": int(len(tr)),
               "test_fraction": test_fraction, "epochs": epochs}
     decisions = pd.DataFrame({"set": np.where(y[te] == 1, "synthetic", "real"), "index": idx[te], "truth": y[te],

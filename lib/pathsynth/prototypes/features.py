@@ -1,4 +1,5 @@
-"""Feature extractors for prototyping: the study's own DINO ViT, or a pretrained DINO the user names.
+"""Feature extractors: the study's own DINO ViT, a pretrained DINO the user names for prototyping, or any
+timm encoder the user names by a local weights file (linear_probe).
 
 (a) ``self_trained`` (offline default): a DINO ViT trained by the prototypes stage on the real
     training split (``pathsynth.ssl.dino``), saved as ``config.json`` + ``model.safetensors``.
@@ -114,6 +115,47 @@ class Pretrained:
             return self.model(pixel_values=inputs["pixel_values"].to(device)).last_hidden_state[:, 0]
 
         return _in_batches(images, batch_size, cls, progress)
+
+
+class TimmEncoder:
+    """An encoder the user names by a local weights file: any timm model (an ImageNet model, or a pathology
+    model published as timm weights). Images are resized to the model's input size and normalised with its
+    own mean and std; features = its pooled output (``num_classes=0``). Nothing is downloaded: a missing
+    file is an error naming the setting."""
+
+    def __init__(self, name: str, timm_model: str, weights: str | Path, root: Path, kwargs: dict | None = None,
+                 input_size: int | None = None, setting: str = "linear_probe.external"):
+        import timm
+        from timm.data import resolve_data_config
+
+        path = Path(weights).expanduser()
+        path = path if path.is_absolute() else root / path
+        if not path.is_file():
+            raise ExtractorError(f"{setting} '{name}': weights file {path} does not exist")
+        try:
+            self.model = timm.create_model(timm_model, pretrained=True, num_classes=0,
+                                           pretrained_cfg_overlay={"file": str(path)}, **(kwargs or {})).eval()
+        except (RuntimeError, OSError, ValueError, KeyError) as err:
+            raise ExtractorError(f"{setting} '{name}': cannot load {path} as timm model '{timm_model}': "
+                                 f"{str(err).splitlines()[0]}") from None
+        cfg = resolve_data_config({}, model=self.model)
+        self.input_size = int(input_size or cfg["input_size"][-1])
+        self.mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+        self.description = f"{name}: timm {timm_model} from {path} at {self.input_size} px"
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray, batch_size: int = 64, device: str = "cpu", progress=None) -> np.ndarray:
+        self.model.to(device)
+
+        def pooled(batch):
+            x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
+            if x.shape[-1] != self.input_size:
+                x = torch.nn.functional.interpolate(x, size=(self.input_size,) * 2, mode="bilinear", antialias=True,
+                                                    align_corners=False)
+            return self.model(((x - self.mean) / self.std).to(device))
+
+        return _in_batches(images, batch_size, pooled, progress)
 
 
 def data_fingerprint(images: np.ndarray) -> str:
