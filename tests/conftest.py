@@ -48,8 +48,9 @@ def make_study(dst: Path):
     """A copy of the study (code, notebooks, dvc.yaml, profiles, the stage command) in ``dst``, with a
     helper to set params. The package is imported from the real checkout (installed in editable mode)."""
     dst.mkdir(parents=True)
-    for name in ("dvc.yaml", "params.yaml", "profiles", "notebooks", "lib", "bin"):
+    for name in ("dvc.yaml", "params.yaml", "profiles", "notebooks", "lib", "bin", "data/reader_stats/reads/README.md"):
         src = ROOT / name
+        (dst / name).parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dst / name)
 
     class Study:

@@ -272,9 +272,12 @@ def test_linear_probe_params_errors():
     base = config.default_values()
     bad = {**base, "linear_probe": {**base["linear_probe"], "supervised": {**base["linear_probe"]["supervised"], "mixed_mode": "cfg_mep"}},
            "guided_sampling": {**base["guided_sampling"], "modes": ["unguided", "classifier"]},
-           "dino_pretrain": {**base["dino_pretrain"], "synthetic_modes": ["classifier"]}}
+           "dino_pretrain": {**base["dino_pretrain"], "synthetic_modes": ["classifier"]},
+           "reader_stats": {**base["reader_stats"], "sets": ["classifier"]}}
     with pytest.raises(config.ParamsError, match="mixed_mode 'cfg_mep' is not one of guided_sampling.modes"):
         config.validate(bad)
+    with pytest.raises(config.ParamsError, match="reader_stats.sets names \\['cfg_mep'\\], which guided_sampling does not make"):
+        config.validate({**bad, "reader_stats": base["reader_stats"]})
     clash = {**base, "linear_probe": {**base["linear_probe"], "external": [
         {"name": "real", "timm_model": "resnet10t", "weights": "w.pt"}]}}
     with pytest.raises(config.ParamsError, match="names \\['real'\\] are taken"):

@@ -68,11 +68,22 @@ def test_pixel_c2st_is_at_chance_for_one_distribution_and_near_one_for_blur(phan
     blurred = b.astype(np.float32)
     for _ in range(2):  # a 2x2 box blur, twice: what a weak decoder does to nuclei
         blurred = (blurred + np.roll(blurred, 1, 1) + np.roll(blurred, 1, 2) + np.roll(blurred, (1, 1), (1, 2))) / 4
-    diff, _ = R.c2st_cnn(a, blurred.astype(np.uint8), seed=2, epochs=10, n_bootstrap=200)
+    diff, dec_diff = R.c2st_cnn(a, blurred.astype(np.uint8), seed=2, epochs=10, n_bootstrap=200)
     assert diff["auroc"] > 0.9, diff
+    # as a reader, its decisions use the threshold learned on its training images, so a reader that ranks well
+    # also decides well (at 0.5 a batch-norm CNN can call everything synthetic), and its confidences keep the ranking
+    r2, k2 = R.machine_reads(dec_diff, "machine:c2st_cnn", "c2st-blur", "cfg_mep")
+    assert ((r2.answer == k2.truth).mean()) > 0.8
+    assert sorted(r2.confidence.value_counts()) == sorted([len(r2) // 5 + (i < len(r2) % 5) for i in range(5)])
     reads, key = R.machine_reads(dec, "machine:c2st_cnn", "c2st-test", "cfg_mep")
     assert list(reads.columns) == R.READS_COLUMNS and len(reads) == len(key) == len(dec)
     assert set(reads.answer) <= {"real", "synthetic"} and reads.confidence.between(1, 5).all()
     assert "truth" not in reads.columns and key.image_id.str.match(r"^(real|cfg_mep):\d+$").all()
     with pytest.raises(MetricError, match="one size"):
         R.c2st_cnn(a, x[:8, :8, :8], seed=0)
+
+
+def test_the_learned_threshold_parts_the_training_scores():
+    y = np.array([0, 0, 0, 1, 1, 1])
+    assert 0.7 < R.train_threshold(y, np.array([0.6, 0.65, 0.7, 0.9, 0.95, 0.99])) < 0.9  # all above 0.5
+    assert R.train_threshold(np.array([0, 1]), np.array([0.2, 0.8])) == pytest.approx(0.5)

@@ -80,11 +80,12 @@ SMALL_ALL = {**SMALL_LDM,
              "fid_umap_coverage": {"n_bootstrap": 20, "kid_subsets": 5, "kid_subset_size": 6, "c2st_cnn_epochs": 2,
                                    "umap_max_points": 60, "n_closest_pairs": 4},
              "linear_probe": {"n_bootstrap": 50, "n_seeds": 2, "c_grid": [0.1, 1.0],
-                              "supervised": {"steps": 10, "batch_size": 8, "real_sizes": [4, 16]}}}
+                              "supervised": {"steps": 10, "batch_size": 8, "real_sizes": [4, 16]}},
+             "reader_stats": {"n_per_set": 4, "n_bootstrap": 50, "n_extreme": 3}}
 
 
 def test_study_through_dvc_and_papermill(dvc_study):
-    """data_prep -> prototypes -> ldm_finetune -> guided_sampling -> dino_pretrain -> fid_umap_coverage -> linear_probe on small
+    """data_prep -> prototypes -> ldm_finetune -> guided_sampling -> dino_pretrain -> fid_umap_coverage -> linear_probe -> reader_stats on small
     settings, then a no-op repro."""
     from pathsynth.prototypes.features import SelfTrained
     from pathsynth.prototypes.prompts import mep_prompt
@@ -222,6 +223,26 @@ def test_study_through_dvc_and_papermill(dvc_study):
     assert len(scores) == n_test and "linear:real" in scores and "cnn:synthetic:cfg_mep" in scores
     for fig in ("forest", "roc", "efficiency"):
         assert (s.root / "reports" / "figures" / f"linear_probe_{fig}.png").stat().st_size > 5000
+    # reader_stats: the packet, and the machine readers analysed like humans; then a human reads CSV is picked up
+    run([sys.executable, "-m", "dvc", "repro", "reader_stats"], s.root)
+    rm = json.loads((s.root / "metrics" / "reader_stats.json").read_text())
+    assert rm["packet"]["n_images"] == 16 and rm["packet"]["n_synthetic"] == 8 and rm["reads"]["human_readers"] == 0
+    assert rm["reads"]["machine_readers"] == 2 * len(modes) and rm["medians"]["human"]["n_readers"] == 0
+    assert all(r["kind"] == "machine" and r["n"] == 8 for r in rm["readers"].values())
+    key = pd.read_csv(s.root / rm["packet"]["key"], dtype={"image_id": str})
+    page = (s.root / rm["packet"]["page"]).read_text()
+    assert not any(w in page for w in ("cfg_mep", "classifier", "real_test", "key.csv"))
+    for fig in ("kappa", "readers", "extremes"):
+        assert (s.root / "reports" / "figures" / f"reader_stats_{fig}.png").stat().st_size > 3000
+    reads = pd.DataFrame({"reader_id": "dr-a", "packet_id": key.packet_id, "image_id": key.image_id,
+                          "answer": key.truth, "confidence": 4, "time_s": 2.0, "tissue": ""})
+    reads.to_csv(s.root / "data" / "reader_stats" / "reads" / "dr-a.csv", index=False)
+    assert "Running stage 'reader_stats'" in run([sys.executable, "-m", "dvc", "repro", "reader_stats"], s.root)
+    rm = json.loads((s.root / "metrics" / "reader_stats.json").read_text())
+    assert rm["reads"]["human_readers"] == 1 and rm["readers"]["dr-a"]["accuracy"] == 1.0
+    assert rm["medians"]["human"] == {"n_readers": 1, "sensitivity": 1.0, "specificity": 1.0}
+    (s.root / "data" / "reader_stats" / "reads" / "dr-a.csv").unlink()
+    run([sys.executable, "-m", "dvc", "repro"], s.root)  # back to the machine readers alone
     assert "Running stage" not in run([sys.executable, "-m", "dvc", "repro"], s.root)
     # bad input, each a clear error before any compute: a backbone dino_pretrain did not make, missing weights
     for bad, says in (({"backbones": ["real", "synthetic_unguided"]}, "names 'synthetic_unguided', which dino_pretrain does not make"),

@@ -380,6 +380,19 @@ class LinearProbe(Strict):
         return self
 
 
+# --------------------------------------------------------------------------------------- reader study
+class ReaderStats(Strict):
+    """A blinded reader-study packet, and the statistics of human and machine readers (STUDY.md B.8)."""
+
+    sets: list[Mode]  # synthetic sets in the packet
+    n_per_set: int = Field(ge=1)  # images of each set; as many real test images as synthetic ones in all
+    display_px: int = Field(ge=32)  # on-screen size of a patch (an integer magnification of its native pixels)
+    reads_dir: str  # the folder of exported reads CSVs, relative to the study root
+    equivalence_margin: float = Field(gt=0, lt=0.5)  # TOST: accuracy within 0.5 +- margin counts as chance
+    n_bootstrap: int = Field(ge=10)
+    n_extreme: int = Field(ge=1)  # images shown as most often called real / synthetic
+
+
 class Params(Strict):
     profile: str
     seed: int
@@ -393,6 +406,7 @@ class Params(Strict):
     dino_pretrain: DinoPretrain
     fid_umap_coverage: FidUmapCoverage
     linear_probe: LinearProbe
+    reader_stats: ReaderStats
 
     @model_validator(mode="after")
     def _cross_check(self):
@@ -405,6 +419,10 @@ class Params(Strict):
                if e.name in ("prototypes_dino", "random_init", "real", "hybrid") or e.name.startswith(("synthetic_", "real_", "hybrid_"))]
         if own:
             raise ValueError(f"linear_probe.external: names {own} are taken by the study's own backbones")
+        absent = [m for m in self.reader_stats.sets if m not in self.guided_sampling.modes]
+        if absent:
+            raise ValueError(f"reader_stats.sets names {absent}, which guided_sampling does not make "
+                             f"(guided_sampling.modes: {list(self.guided_sampling.modes)})")
         if self.linear_probe.supervised.mixed_mode not in self.guided_sampling.modes:
             raise ValueError(f"linear_probe.supervised.mixed_mode '{self.linear_probe.supervised.mixed_mode}' is not "
                              f"one of guided_sampling.modes {list(self.guided_sampling.modes)}")

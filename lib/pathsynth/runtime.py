@@ -248,6 +248,8 @@ def write_json_atomic(path: Path, obj) -> Path:
 
 
 def _json_default(o):
+    if isinstance(o, np.bool_):
+        return bool(o)
     if isinstance(o, (np.integer,)):
         return int(o)
     if isinstance(o, (np.floating,)):

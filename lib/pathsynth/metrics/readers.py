@@ -25,6 +25,16 @@ def auroc_ci(y: np.ndarray, score: np.ndarray, n_bootstrap: int, seed: int) -> d
             "n": int(len(y)), "n_bootstrap": n_bootstrap, "seed": seed}
 
 
+def train_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """The decision threshold a reader learns on its own training images: the cut between sorted training scores
+    with the highest training accuracy (a classifier's 0.5 need not be where its classes part: a small CNN with
+    batch norm often scores every image above 0.5 and still ranks them perfectly)."""
+    order = np.sort(np.unique(p))
+    cuts = np.r_[order[0] - 1e-9, (order[1:] + order[:-1]) / 2, order[-1] + 1e-9]
+    acc = [((p >= c) == (y == 1)).mean() for c in cuts]
+    return float(cuts[int(np.argmax(acc))])
+
+
 def c2st_linear(real: np.ndarray, fake: np.ndarray, test_fraction: float = 0.5, seed: int = 0,
                 n_bootstrap: int = 500) -> tuple[dict, pd.DataFrame]:
     """Logistic regression on standardised frozen features. Returns the held-out AUROC with its CI and a
@@ -43,10 +53,11 @@ def c2st_linear(real: np.ndarray, fake: np.ndarray, test_fraction: float = 0.5, 
         raise MetricError("the held-out part has one class only: give more images")
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x[tr], y[tr])
     p = model.predict_proba(x[te])[:, 1]
+    threshold = train_threshold(y[tr], model.predict_proba(x[tr])[:, 1])
     result = {**auroc_ci(y[te], p, n_bootstrap, seed), "reader": "linear probe on frozen features",
-              "n_train": int(len(tr)), "test_fraction": test_fraction}
+              "n_train": int(len(tr)), "test_fraction": test_fraction, "threshold": threshold}
     decisions = pd.DataFrame({"set": np.where(y[te] == 1, "synthetic", "real"), "index": idx[te], "truth": y[te],
-                              "p_synthetic": p})
+                              "p_synthetic": p, "threshold": threshold})
     return result, decisions
 
 
@@ -69,10 +80,11 @@ def c2st_cnn(real: np.ndarray, fake: np.ndarray, test_fraction: float = 0.5, see
     tr, te = train_test_split(np.arange(len(y)), test_size=test_fraction, stratify=y, random_state=seed % 2**32)
     net = train_cnn(x, y, tr, epochs * -(-len(tr) // batch_size), batch_size, seed, device)
     p = predict(net, x[te], device)
+    threshold = train_threshold(y[tr], predict(net, x[tr], device))
     result = {**auroc_ci(y[te], p, n_bootstrap, seed), "reader": "small CNN on pixels", "n_train": int(len(tr)),
-              "test_fraction": test_fraction, "epochs": epochs}
+              "test_fraction": test_fraction, "epochs": epochs, "threshold": threshold}
     decisions = pd.DataFrame({"set": np.where(y[te] == 1, "synthetic", "real"), "index": idx[te], "truth": y[te],
-                              "p_synthetic": p})
+                              "p_synthetic": p, "threshold": threshold})
     return result, decisions
 
 
@@ -80,14 +92,20 @@ READS_COLUMNS = ["reader_id", "packet_id", "image_id", "answer", "confidence", "
 
 
 def machine_reads(decisions: pd.DataFrame, reader_id: str, packet_id: str, synthetic_set: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """A machine reader's held-out decisions in the reader-study CSV format (``READS_COLUMNS``: answer 'real' or
-    'synthetic', confidence 1-5 from the distance of P(synthetic) to 0.5, no time), and the answer key apart
-    (image_id, truth), as for human readers. Image ids name the set and the index within it."""
+    """A machine reader's held-out decisions in the reader-study CSV format (``READS_COLUMNS``): answer 'synthetic'
+    where P(synthetic) reaches the threshold the reader learned on its training images (column ``threshold``;
+    0.5 without one), confidence 1-5 the quintile of the distance of P(synthetic) from that threshold among this
+    reader's decisions (so the confidences keep the reader's ranking, as a human's would), no time; and the
+    answer key apart (image_id, truth), as for human readers. Image ids name the set and the index within it."""
+    from scipy.stats import rankdata
+
     image_id = [f"{synthetic_set if s == 'synthetic' else 'real'}:{i}" for s, i in zip(decisions["set"], decisions["index"])]
     p = decisions["p_synthetic"].to_numpy()
+    t = decisions["threshold"].to_numpy() if "threshold" in decisions else np.full(len(p), 0.5)
+    distance = rankdata(np.abs(p - t)) / len(p)  # in (0, 1]
     reads = pd.DataFrame({"reader_id": reader_id, "packet_id": packet_id, "image_id": image_id,
-                          "answer": np.where(p >= 0.5, "synthetic", "real"),
-                          "confidence": np.clip(1 + np.floor(np.abs(p - 0.5) * 10), 1, 5).astype(int),
+                          "answer": np.where(p >= t, "synthetic", "real"),
+                          "confidence": np.clip(np.ceil(5 * distance), 1, 5).astype(int),
                           "time_s": np.nan})
     key = pd.DataFrame({"packet_id": packet_id, "image_id": image_id,
                         "truth": np.where(decisions["truth"].to_numpy() == 1, "synthetic", "real")})

@@ -1,0 +1,1 @@
+"""The reader study: a blinded offline packet, strict ingestion of the reads, and their statistics."""
