@@ -155,11 +155,17 @@ def _pcam_params(study, folder):
                                              "counts": {"train": None, "valid": None, "test": None}}})
 
 
+def assert_nothing_written(root):
+    """No output under data/, finished or partial: only the study's own (git-tracked) reads folder is there."""
+    files = [p.relative_to(root) for p in (root / "data").rglob("*") if p.is_file()]
+    assert [str(f) for f in files] == ["data/reader_stats/reads/README.md"], files
+
+
 def test_pcam_missing_file(study, tmp_path, phantom_small):
     folder = write_fake_pcam(tmp_path / "p", phantom_small.x, phantom_small.y, splits=("train", "valid"))
     with pytest.raises(DataError, match="missing camelyonpatch_level_2_split_test_x.h5"):
         prepare(_pcam_params(study, folder), study.root)
-    assert not (study.root / "data").exists()
+    assert_nothing_written(study.root)
 
 
 def test_pcam_wrong_key_shape_dtype_labels(study, tmp_path, phantom_small):
@@ -233,7 +239,7 @@ def test_npz_bad_inputs(study, tmp_path, phantom_small):
     np.savez(tmp_path / "badjpeg.npz", **{**z, "jpeg": jpeg})
     with pytest.raises(DataError, match=r"image 5 \(img0000005.jpg\) is not a readable JPEG"):
         prepare(params_for(tmp_path / "badjpeg.npz"), study.root)
-    assert not (study.root / "data").exists()
+    assert_nothing_written(study.root)
 
 
 def test_phantom_empty_split_is_an_error(study):
