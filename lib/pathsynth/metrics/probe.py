@@ -11,18 +11,15 @@ k-NN probe beside it: the weighted k-NN vote of ``metrics.knn`` (k = 20, T = 0.0
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from ..data.features import FeatureSet
 from .classification import binary_metrics, check_scores
 from .fidelity import MetricError
 
 
-@dataclass
-class Split:
-    features: np.ndarray
-    labels: np.ndarray
+# a split's frozen features and labels: the study's one feature-set type (pathsynth.data.features)
+Split = FeatureSet
 
 
 def check_split(name: str, s: Split, width: int | None = None) -> None:
