@@ -130,7 +130,7 @@ def generate_mode(mode: str, req: Request, models_: dict, gp, run_dir: Path, dev
     folder = run_dir / mode
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
+        probe = folder / f".write-test-{process_index}"  # one per process: several share the folder
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
