@@ -10,6 +10,11 @@ import numpy as np
 import pytest
 import yaml
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest worker per core (pytest-xdist). Each worker and the stages it starts then use
+    # one thread: two 2-thread OpenMP pools on 2 cores spin against each other and run several times slower.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -80,3 +85,10 @@ def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
     return centre - half, centre + half
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with end-to-end (`slow`) tests first: pytest-xdist hands whole files to its workers in collection
+    order (`--dist loadfile`), so the longest start at once and the short ones fill in beside them."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within a file is kept

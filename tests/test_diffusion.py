@@ -317,7 +317,7 @@ def test_two_processes_on_cpu_through_accelerate(tmp_path):
     script = Path(__file__).with_name("ddp_worker.py")
     out = tmp_path / "w"
     # torchrun starts the two CPU processes; accelerate's Accelerator picks up the process group (MULTI_CPU, gloo)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(out)],
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     w0, w1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")

@@ -258,7 +258,7 @@ def test_study_through_dvc_and_papermill(dvc_study):
     import shutil
 
     shutil.rmtree(s.root / "checkpoints" / "guided_sampling")
-    out = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
                "pathsynth.diffusion.sampling"], s.root)
     assert "process 1/2 guided_sampling/cfg_mep: 4 images made" in out and "process 0/2 guided_sampling/cfg_mep: 4 images made" in out
     run_dir = s.root / "checkpoints" / "guided_sampling"

@@ -12,6 +12,7 @@ notebook stack (the lent GPU machine of the ``gpu`` profile). It writes no execu
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 from .config import project_root
@@ -44,6 +45,22 @@ def run_inline(nb: Path, stage: str, root: Path) -> int:
     return 0
 
 
+def record_resources(executed: Path, wall_s: float) -> None:
+    """Write the stage's wall time (kernel start to finish) and the peak resident memory of its kernel into the
+    executed notebook's metadata (``pathsynth``): the report's timing table is made from these records. The
+    kernel is this process's child and has exited, so RUSAGE_CHILDREN's ru_maxrss (KiB on Linux) is its peak."""
+    import resource
+
+    import nbformat
+
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    peak_mb = peak / 1024 if sys.platform != "darwin" else peak / 2 ** 20  # macOS reports bytes
+    nb = nbformat.read(executed, as_version=4)
+    nb.metadata["pathsynth"] = {"wall_s": round(wall_s, 1), "peak_rss_mb": round(peak_mb, 1),
+                                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    nbformat.write(nb, executed)
+
+
 def main(argv=None) -> int:
     import logging
 
@@ -65,6 +82,7 @@ def main(argv=None) -> int:
     out = root / "reports" / "executed" / nb.name
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".running.ipynb")
+    t0 = time.time()
     try:
         pm.execute_notebook(str(nb), str(tmp), parameters={"stage": argv[0]}, cwd=str(root),
                             kernel_name="python3", log_output=True, progress_bar=False)
@@ -72,6 +90,7 @@ def main(argv=None) -> int:
         print(f"error: stage '{argv[0]}' failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
               f"(the executed notebook with the traceback: {tmp.relative_to(root)})", file=sys.stderr)
         return 1
+    record_resources(tmp, time.time() - t0)
     tmp.replace(out)
     return 0
 
