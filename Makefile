@@ -12,7 +12,7 @@ export DVC_NO_ANALYTICS ?= 1
 export MPLBACKEND ?= Agg
 export PYTHONHASHSEED ?= 0
 
-.PHONY: setup repro test profile lab clean-outputs
+.PHONY: setup repro test profile results lab clean-outputs
 
 setup: $(STAMP)
 
@@ -32,6 +32,12 @@ test: setup
 # make profile PROFILE=pcam-subset   (tiny | pcam-subset | paper): rewrites params.yaml; DVC sees the change
 profile: setup
 	$(BIN)/python -m pathsynth.config use $(PROFILE)
+
+# make results: keep this finished run (metrics, dvc.lock, params, REPORT.md, timings, key figures) under
+# results/<profile>/ for reviewers to compare against, and regenerate the README's timing table from results/
+results: setup
+	$(BIN)/python -m pathsynth.report.compare --save results/$$($(BIN)/python -c "import yaml; print(yaml.safe_load(open('params.yaml'))['profile'])")
+	$(BIN)/python -m pathsynth.report.provenance readme
 
 lab: setup
 	$(BIN)/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)

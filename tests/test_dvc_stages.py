@@ -105,6 +105,8 @@ def params_read(code: str, handle: str, functions: dict, depth: int = 0) -> set[
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_every_params_section_a_stage_reads_is_declared(stage):
+    if "params.yaml" in STAGES[stage]["deps"]:
+        return  # the report depends on the whole file: it compares every setting with the profile
     code = notebook_code(stage).replace("ctx.params", "P")
     used = params_read(code, "P", _functions())
     assert used, "the check found no params at all: the pattern is wrong"
@@ -117,6 +119,7 @@ def test_declared_outputs_are_written_unconditionally():
     for stage, spec in STAGES.items():
         code = notebook_code(stage)
         for out in spec["outs"]:
+            out = next(iter(out)) if isinstance(out, dict) else out  # `- path: {cache: false}`
             m = re.match(r"reports/figures/" + stage + r"_(\w+)\.png", out)
             if m:
                 assert f'figure_path("{m.group(1)}")' in code, f"{out} is declared but the notebook never writes it"

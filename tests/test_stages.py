@@ -1,6 +1,7 @@
 """End-to-end: the stages run through DVC + papermill on a throw-away copy of the study."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -242,8 +243,28 @@ def test_study_through_dvc_and_papermill(dvc_study):
     assert rm["reads"]["human_readers"] == 1 and rm["readers"]["dr-a"]["accuracy"] == 1.0
     assert rm["medians"]["human"] == {"n_readers": 1, "sensitivity": 1.0, "specificity": 1.0}
     (s.root / "data" / "reader_stats" / "reads" / "dr-a.csv").unlink()
-    run([sys.executable, "-m", "dvc", "repro"], s.root)  # back to the machine readers alone
+    out = run([sys.executable, "-m", "dvc", "repro"], s.root)  # back to the machine readers alone; then the report
+    assert "Running stage 'report'" in out
     assert "Running stage" not in run([sys.executable, "-m", "dvc", "repro"], s.root)
+    # report: every claim row filled or saying why not, the HTML offline, every figure it names present
+    from pathsynth.report.claims import NOT_SUPPORTED, NOT_TESTABLE, SUPPORTED
+    from pathsynth.report.render import check_offline
+
+    rep = json.loads((s.root / "metrics" / "report.json").read_text())
+    assert len(rep["claims"]) >= 8 and sum(rep["readings"].values()) == len(rep["claims"])
+    for c in rep["claims"]:
+        assert c["reading"] in (SUPPORTED, NOT_SUPPORTED, NOT_TESTABLE) and c["why"], c
+        assert c["this_run"] not in ("", "-") or c["reading"] == NOT_TESTABLE, c
+    md = (s.root / "reports" / "REPORT.md").read_text()
+    assert "Claims of the two papers" in md and "Provenance" in md and rep["test_cohort"] in md
+    for link in re.findall(r"\]\(((?:figures|executed)/[^)]+)\)", md):
+        assert (s.root / "reports" / link).is_file(), link
+    assert len(re.findall(r"\]\(figures/", md)) >= 20
+    html = (s.root / "reports" / "REPORT.html").read_text()
+    check_offline(html)
+    assert html.count("data:image/png;base64,") >= 20
+    times = pd.read_csv(s.root / "reports" / "timings.csv")
+    assert (times.wall_s > 0).all() and (times.peak_rss_mb > 100).all(), times  # recorded by pathsynth.run, not typed
     # bad input, each a clear error before any compute: a backbone dino_pretrain did not make, missing weights
     for bad, says in (({"backbones": ["real", "synthetic_unguided"]}, "names 'synthetic_unguided', which dino_pretrain does not make"),
                       ({"external": [{"name": "uni", "timm_model": "resnet10t", "weights": "weights/none.safetensors"}]},

@@ -1,0 +1,1 @@
+"""The study report (notebook 09): claims against the papers, extras, figure index and provenance."""
