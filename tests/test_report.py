@@ -235,3 +235,34 @@ def test_save_keeps_a_finished_run_and_refuses_an_unfinished_one(tmp_path):
     names = sorted(str(p.relative_to(dest)) for p in written)
     assert "metrics/report.json" in names and "REPORT.md" in names and "dvc.lock" in names
     assert "figures/linear_probe_forest.png" in names and len(names) == 6 + 6
+
+
+def test_offline_plots_page_renders_vega_in_headless_chromium(tmp_path):
+    """`dvc plots show` fills .dvc/plots/offline.html (DVC's own template loads Vega from a CDN: blank offline).
+    Filled here the way DVC fills it (dvc_render), then opened from disk in Chromium with no network."""
+    import re
+
+    from dvc_render import VegaRenderer, render_html
+    from selenium import webdriver
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from conftest import ROOT
+    from test_reader_stats import browser
+
+    template = ROOT / ".dvc" / "plots" / "offline.html"
+    assert "html_template = plots/offline.html" in (ROOT / ".dvc" / "config").read_text()
+    curves = [VegaRenderer([{"step": i, "loss": 1 / (i + 1), "rev": "workspace"} for i in range(5)], f"loss{j}.csv",
+                           x="step", y="loss") for j in range(2)]
+    out = render_html(curves, tmp_path / "index.html", html_template=template)
+    page = out.read_text()
+    assert not re.search(r"<(?:script|link)[^>]+(?:src|href)=\"(?:https?:)?//", page)
+    opts, service = browser()
+    d = webdriver.Chrome(options=opts, service=service)
+    try:
+        d.get(out.as_uri())
+        n = WebDriverWait(d, 20).until(lambda d: d.execute_script(
+            "return document.querySelectorAll('svg.marks, canvas.marks').length") >= 2 and d.execute_script(
+            "return document.querySelectorAll('svg.marks, canvas.marks').length"))
+        assert n == 2
+    finally:
+        d.quit()

@@ -32,6 +32,12 @@ def run(cmd, cwd):
 def dvc_study(study):
     run(["git", "init", "-q"], study.root)
     run([sys.executable, "-m", "dvc", "init", "-q"], study.root)
+    import shutil
+
+    from conftest import ROOT
+
+    shutil.copytree(ROOT / ".dvc" / "plots", study.root / ".dvc" / "plots")  # the offline `dvc plots show` page
+    shutil.copy(ROOT / ".dvc" / "config", study.root / ".dvc" / "config")
     return study
 
 
@@ -263,6 +269,11 @@ def test_study_through_dvc_and_papermill(dvc_study):
     html = (s.root / "reports" / "REPORT.html").read_text()
     check_offline(html)
     assert html.count("data:image/png;base64,") >= 20
+    # `dvc plots show`: every curve and every figure on one page that needs no network
+    run([sys.executable, "-m", "dvc", "plots", "show", "-o", "plots_page"], s.root)
+    page = (s.root / "plots_page" / "index.html").read_text()
+    assert not re.search(r"<(?:script|link)[^>]+(?:src|href)=\"(?:https?:)?//", page) and "window.__vegaEmbed" in page
+    assert page.count("vegaEmbed('#") >= 15 and page.count("<img") >= 20
     times = pd.read_csv(s.root / "reports" / "timings.csv")
     assert (times.wall_s > 0).all() and (times.peak_rss_mb > 100).all(), times  # recorded by pathsynth.run, not typed
     # bad input, each a clear error before any compute: a backbone dino_pretrain did not make, missing weights
