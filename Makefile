@@ -27,7 +27,7 @@ repro: setup
 	$(BIN)/dvc repro
 
 test: setup
-	$(BIN)/python -m pytest -ra -n auto --dist loadfile --durations=10
+	$(BIN)/python -m pytest -ra -n auto --dist loadfile --no-loadscope-reorder --durations=10
 
 # make profile PROFILE=pcam-subset   (tiny | pcam-subset | paper): rewrites params.yaml; DVC sees the change
 profile: setup

@@ -266,3 +266,18 @@ def test_offline_plots_page_renders_vega_in_headless_chromium(tmp_path):
         assert n == 2
     finally:
         d.quit()
+
+
+def test_extras_carry_n_and_a_ci():
+    from statsmodels.stats.proportion import proportion_confint
+
+    m = metrics(
+        fid_umap_coverage={"memorisation": {"cfg_mep": {"pixel": {"n_under": 3, "n_synthetic": 100, "n_real": 50,
+                                                                  "quantile": 0.01, "fraction_under": 0.03}}},
+                           "machine_readers": {}, "hit_rate_independent": {}},
+        guided_sampling={"chance": 0.1}, prototypes={"phantom_recovery": None},
+        dino_pretrain={"regimes": {}}, linear_probe={"supervised": {"runs": {}}})
+    e = C.extras(m)
+    lo, hi = proportion_confint(3, 100, method="wilson")
+    assert e["this run"].iloc[0].startswith(f"0.030 [{lo:.3f}, {hi:.3f}]: 3 of 100")
+    assert "not applicable" in e["this run"].iloc[1]
