@@ -130,7 +130,7 @@ def fd_claim(m: Metrics) -> Claim:
     if not isinstance(inception, dict):
         why += f"; Inception FID {inception.removeprefix('not computed: ')} (not computed)"
     return Claim("Osorio et al.", "Morphology-enriched prompts lower the FID of baseline prompts",
-                 f"FID 178.8 → 90.2 (ratio {paper:.2f})", "; ".join(parts) + f" (N = {r0['n_a']} per set, {r0['n_real']} real)",
+                 f"FID {PAPER['fid_baseline']} → {PAPER['fid_mep']} (ratio {paper:.2f})", "; ".join(parts) + f" (N = {r0['n_a']} per set, {r0['n_real']} real)",
                  "Fréchet distance in the named feature spaces (not Inception)",
                  f"percentile bootstrap CI of fd(cfg_mep) / fd(cfg_baseline), {r0['n_bootstrap']} resamples, seed {r0['seed']}; supported if below 1 in every space",
                  reading, why, "fid_umap_coverage")
