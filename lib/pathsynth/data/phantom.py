@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage as ndi
+from scipy.spatial import cKDTree
 
 from .dataset import ImageSet
 
@@ -80,9 +81,11 @@ def _nuclei(rng, size, pts, a, b, theta, irregular=0.1):
 
 
 def _voronoi_edges(pts, size, width):
+    """Cell borders: where the nearest and second-nearest centres are about equally far (a k-d tree
+    query: a full per-pixel sort over all centres was a third of the rendering time)."""
     yy, xx = np.mgrid[0:size, 0:size]
-    d = np.sqrt((yy[..., None] - pts[:, 0]) ** 2 + (xx[..., None] - pts[:, 1]) ** 2)
-    d.sort(axis=-1)
+    d, _ = cKDTree(pts).query(np.stack([yy.ravel(), xx.ravel()], 1), k=2)
+    d = d.reshape(size, size, 2)
     return np.exp(-0.5 * ((d[..., 1] - d[..., 0]) / width) ** 2)
 
 

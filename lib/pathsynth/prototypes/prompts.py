@@ -7,20 +7,27 @@ with label ``healthy``/``cancer`` and the 0-based cluster index spelled out by `
 """
 from __future__ import annotations
 
-import inflect
+from functools import cache
+
 import numpy as np
 import pandas as pd
 
 from ..data.dataset import LABEL_NAMES
 
-_inflect = inflect.engine()
-
 BASELINE_TEMPLATE = "Histology image of {label} tissue"
 MEP_TEMPLATE = "Histology image of {label} tissue, morphology type {cluster}"
 
 
+@cache
+def _engine():
+    # imported on first use: inflect takes ~5 s to import (typeguard), and most stages import this
+    # module only for its templates and tables
+    import inflect
+    return inflect.engine()
+
+
 def number_words(i: int) -> str:
-    return _inflect.number_to_words(int(i))
+    return _engine().number_to_words(int(i))
 
 
 def baseline_prompt(label: int) -> str:
