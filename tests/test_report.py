@@ -167,7 +167,16 @@ def test_params_diff_and_timings_from_executed_notebooks(tmp_path):
     t = PV.timings(s.root)
     row = t.set_index("stage").loc["data_prep"]
     assert row.wall_s == 12.3 and row.peak_rss_mb > 190 and row.device == "cpu" and row.torch_threads == 1
+    assert not row.resumed
     assert t.set_index("stage").loc["prototypes"].isna().wall_s  # not run: no record, no invented number
+    # a training loop that resumed from an earlier execution's checkpoint marks the stage's time as partial
+    for line, resumed in [("12:00:01 INFO unet[mep]: resumed from /c/checkpoint-800 (step 800/1000)", True),
+                          ("12:00:01 INFO vae: resumed from /c/checkpoint-0 (step 0/900)", False),
+                          ("12:00:01 INFO unet[mep] step 10/1000 loss=0.3", False)]:
+        nb.cells[0].outputs.append(nbformat.v4.new_output("stream", name="stdout", text=line + "\n"))
+        nbformat.write(nb, path)
+        assert PV.stage_record(path)["resumed"] is resumed, line
+        nb.cells[0].outputs.pop()
 
 
 def test_compare_with_a_committed_run(tmp_path):
@@ -218,6 +227,11 @@ def test_readme_timing_table_is_generated_from_the_committed_runs(tmp_path):
     table = PV.timing_table(tmp_path / "results")
     assert "| data_prep | 1.0 min, 2.0 GB |" in table and "| prototypes | not run |" in table
     assert "| whole study | **1.0 min** (stages run so far) |" in table and "| device | cpu, X, 2 threads |" in table
+    t = pd.read_csv(tmp_path / "results" / "x" / "timings.csv")
+    t["resumed"] = [True, None]
+    t.to_csv(tmp_path / "results" / "x" / "timings.csv", index=False)
+    table = PV.timing_table(tmp_path / "results")
+    assert "| data_prep | 1.0 min, 2.0 GB (resumed) |" in table and "(the last execution of resumed stages only)" in table
 
 
 def test_save_keeps_a_finished_run_and_refuses_an_unfinished_one(tmp_path):
