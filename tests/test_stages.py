@@ -81,7 +81,7 @@ SMALL_LDM = {**SMALL_PROTO, "ldm_finetune": {
 
 SMALL_ALL = {**SMALL_LDM,
              "guided_sampling": {"n_per_mode": 8, "steps": 3, "shard_size": 4, "batch_size": 4, "pretrain": {"n_per_mode": 24}},
-             "dino_pretrain": {"ladder": [0.25], "umap_max_points": 40, "dino": {
+             "dino_pretrain": {"ladder": [0.25], "umap_max_points": 40, "epoch_images": None, "dino": {
                  "depth": 1, "epochs": 2, "out_dim": 128, "head_hidden_dim": 64, "head_bottleneck_dim": 32,
                  "batch_size": 16, "log_every": 2, "checkpoint_every": 4}},
              "fid_umap_coverage": {"n_bootstrap": 20, "kid_subsets": 5, "kid_subset_size": 6, "c2st_cnn_epochs": 2,
