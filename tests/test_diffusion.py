@@ -62,6 +62,25 @@ def test_tokenizer_words_are_single_tokens():
     assert ids.shape == (2, 16) and ids[0, 0] == tok.bos_token_id and ids[0, 1] == tok.eos_token_id
     with pytest.raises(models.ModelError, match="max_length 4 is too short"):
         models.build_tokenizer(PROMPTS, 4)
+    # the paper's K = 33: "thirty-one" splits into pieces (its merges lose to other words' in BPE rank order), so its
+    # prompt is 17 tokens, more than 16: why pcam-subset and gpu set max_length 24
+    long = [mep_prompt(1, c) for c in range(33)]
+    with pytest.raises(models.ModelError, match="max_length 16 is too short"):
+        models.build_tokenizer(long + [""], 16)
+    tok = models.build_tokenizer(long + [""], 24)
+    assert max(len(tok(p).input_ids) for p in long) == 17
+
+
+def test_text_side_is_checked_before_any_training():
+    """A max_length too short for one variant's prompts is an error before the first model trains."""
+    import pandas as pd
+
+    table = pd.DataFrame({"prompt_baseline": [baseline_prompt(1)] * 2, "prompt_mep": [mep_prompt(1, 31), mep_prompt(0, 2)]})
+    T.check_text_side(LP.model_copy(update={"text_encoder": LP.text_encoder.model_copy(update={"max_length": 24})}), table)
+    short = LP.model_copy(update={"text_encoder": LP.text_encoder.model_copy(update={"max_length": 8})})
+    with pytest.raises(models.ModelError, match="max_length 8 is too short for 'Histology image of cancer tissue, morphology type "):
+        T.check_text_side(short, table)
+    T.check_text_side(short.model_copy(update={"variants": ["baseline"]}), table)  # baseline prompts fit in 8
 
 
 def test_unet_loss_falls_on_a_fixed_batch(tmp_path):

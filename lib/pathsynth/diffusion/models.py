@@ -49,8 +49,9 @@ def build_unet(cfg: UNetParams, sample_size: int, latent_channels: int, cross_at
 
 def build_tokenizer(prompts: list[str], max_length: int) -> CLIPTokenizerFast:
     """A CLIP-style BPE tokenizer (lower-case, end-of-word suffix ``</w>``, BOS/EOS, EOS padding) for the
-    study's prompt vocabulary, so every word of every prompt is one token and unseen words still split
-    into characters. The vocabulary and merges are written out in a fixed order (every character, then
+    study's prompt vocabulary: most words are one token (a word whose merges lose to another word's in BPE
+    rank order, such as "thirty" after "histology", or a hyphenated one, splits into a few pieces, always the
+    same ones), and unseen words split into characters. The vocabulary and merges are written out in a fixed order (every character, then
     for each word in sorted order the merges that join it left to right) rather than learned by the
     ``tokenizers`` BPE trainer, whose tie-breaking follows hash-map order and gave other token ids in
     another run."""

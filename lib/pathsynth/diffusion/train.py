@@ -220,6 +220,19 @@ def check_batch_sizes(lp, n_unet: int, n_vae: int) -> None:
             raise ValueError(f"{key} {batch} is larger than the {n} training images of the {what}")
 
 
+PROMPT_COLUMN = {"baseline": "prompt_baseline", "mep": "prompt_mep"}  # the prompts table's column per variant
+
+
+def check_text_side(lp, table: pd.DataFrame) -> None:
+    """Before any compute (scratch regime): every variant's prompts fit the text encoder's ``max_length``.
+    Otherwise a too-short setting shows only when that variant's tokenizer is built, after the models before
+    it have trained."""
+    if lp.regime != "scratch":
+        return
+    for variant in lp.variants:
+        models.build_tokenizer(sorted(set(table[PROMPT_COLUMN[variant]])) + [""], lp.text_encoder.max_length)
+
+
 # ldm_finetune settings that do not change the UNet's weights (sample grids, the other models, which variants run);
 # the loop's cadence settings are left out by params_hash itself
 _NOT_UNET = {"sample_steps", "sample_guidance", "n_sample_seeds", "classifier", "variants"}
