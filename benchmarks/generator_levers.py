@@ -1,8 +1,10 @@
-"""The generator's sampling-time levers, swept on one trained run (issue 14): classifier-free guidance scale
-per prompt kind and the prototype classifier's scale, judged by the study's own yardsticks.
+"""The generator's levers (issue 14), swept on one trained run and judged by the study's own yardsticks:
+sampling-time levers (classifier-free guidance scale per prompt kind, the prototype classifier's scale) and,
+with ``--unet KEY=VALUE``, training-time ones (a mep UNet retrained with ldm_finetune settings changed).
 
     .venv/bin/python benchmarks/generator_levers.py --n 256                       # in a project after `dvc repro dino_pretrain`
     .venv/bin/python benchmarks/generator_levers.py --root /path/to/run --cfg 1 3 8 --classifier-scale 0 10 30
+    .venv/bin/python benchmarks/generator_levers.py --unet train.steps=3000 --cfg 3 --cfg-baseline --classifier-scale 10
 
 Every setting makes N images of one mode exactly as guided_sampling does (``sampling.generate_mode`` with the
 profile's sampler, steps and JPEG quality; only the scale changes; the same per-image seeds and requests as the
@@ -19,27 +21,37 @@ measures them with:
 - ``auroc``: the synthetic-only experiment: linear_probe's small CNN recipe (``linear_probe.supervised``) trained on the
   N synthetic images with their requested labels, judged on the real test split, stratified bootstrap 95% CI.
 
-Each finished setting is appended to the CSV (``--out``), and images are kept as guided_sampling's resumable
-shards under ``checkpoints/benchmarks/generator_levers/``: a killed sweep resumes where it stopped.
+``--unet`` settings (YAML values, keys under ``ldm_finetune``: ``train.steps=3000``, ``snr_gamma=null``,
+``unet.block_out_channels=[96,192]``, ``use_balanced_subset=false``, ...) retrain the mep UNet (and its text
+encoder) on latents of the stage's own VAE, resumably, with everything else as the profile has it; its modes
+use it, the baseline modes keep the stage's baseline model, and the classifier is the stage's. Rows name the
+UNet in the ``unet`` column ("stage": the stage's own models).
+
+Each finished setting is appended to the CSV (``--out``), and images and UNets are kept under
+``checkpoints/benchmarks/generator_levers/``: a killed sweep resumes where it stopped.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+import yaml
+from diffusers import AutoencoderKL
 from statsmodels.stats.proportion import proportion_confint
 
 from pathsynth import config
 from pathsynth.data.dataset import read_imageset
 from pathsynth.data.features import read_features
-from pathsynth.diffusion import sampling as S
+from pathsynth.diffusion import models, sampling as S, train as T
 from pathsynth.metrics import classification as C, cnn as CNN
 from pathsynth.metrics.fidelity import fd
 from pathsynth.prototypes.cluster import assign, centroids_in
-from pathsynth.prototypes.features import SelfTrained, load_extractor
+from pathsynth.prototypes.features import SelfTrained, data_fingerprint, load_extractor
 from pathsynth.runtime import derive_seed
 
 
@@ -51,18 +63,77 @@ def wilson(hits: np.ndarray) -> tuple[float, float, float]:
 
 def settings(a) -> list[tuple[str, float, float]]:
     """(mode, cfg scale, classifier scale); a mode without CFG or without the classifier ignores that scale."""
-    out = [("cfg_mep", w, 0.0) for w in a.cfg] + [("cfg_baseline", w, 0.0) for w in a.cfg_baseline or a.cfg]
-    out += [("classifier", 1.0, s) for s in a.classifier_scale]
-    return out
+    out = [("cfg_mep", w, 0.0) for w in a.cfg] + [("cfg_baseline", w, 0.0) for w in a.cfg_baseline]
+    return out + [("classifier", 1.0, s) for s in a.classifier_scale]
+
+
+def overridden(lp, pairs: list[str]):
+    """ldm_finetune settings with KEY=VALUE changes (dotted keys, YAML values), validated like params.yaml."""
+    raw = lp.model_dump(mode="json")
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--unet {pair!r}: expected KEY=VALUE")
+        node, parts = raw, key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                raise SystemExit(f"--unet {pair!r}: ldm_finetune has no section '{p}'")
+            node = node[p]
+        if parts[-1] not in node:
+            raise SystemExit(f"--unet {pair!r}: ldm_finetune has no setting '{key}'")
+        node[parts[-1]] = yaml.safe_load(value)
+    try:
+        return type(lp).model_validate(raw)
+    except ValueError as err:
+        raise SystemExit(f"--unet {' '.join(pairs)}: {err}") from None
+
+
+def retrained_mep(root: Path, P, lp, work: Path, device: str) -> Path:
+    """Train the mep UNet with settings ``lp`` (resumable) and return a model folder laid out like
+    models/ldm_finetune (mep retrained; baseline, vae and classifier linked to the stage's)."""
+    if lp.regime != "scratch":
+        raise SystemExit("--unet retrains the scratch regime's UNet; this profile fine-tunes a pretrained one")
+    tag = T.params_hash({"ldm": lp.model_dump(mode="json")})
+    folder = work / f"models-{tag}"
+    if (folder / "mep" / "training_prompts.json").is_file():
+        return folder
+    stage = root / "models" / "ldm_finetune"
+    vae = AutoencoderKL.from_pretrained(stage / "vae", local_files_only=True)
+    train = read_imageset(root / "data" / "data_prep" / "train.h5")
+    table = pd.read_csv(root / "data" / "prototypes" / "prompts_train.csv")
+    rows = np.flatnonzero(table.in_balanced_subset) if lp.use_balanced_subset else np.arange(len(train))
+    T.check_batch_sizes(lp, n_unet=len(rows), n_vae=len(train))
+    T.check_text_side(lp, table.iloc[rows])
+    cache = work / f"latents-{S.model_digest(stage / 'vae')[:16]}.pt"  # the whole train split, once per VAE
+    if not cache.is_file():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(T.encode(vae, train.x, lp.resolution, device), cache.with_suffix(".tmp"))
+        cache.with_suffix(".tmp").replace(cache)
+    mean, std = torch.load(cache)
+    prompts = table.iloc[rows][T.PROMPT_COLUMN["mep"]].tolist()
+    tok, te, unet = T.build_variant("mep", lp, prompts, None, tuple(mean.shape[1:]), P.seed)
+    run = T.train_unet("mep", (mean[rows], std[rows]), prompts, tok, te, unet, lp, P.seed, device, work / "checkpoints",
+                       work / f"unet-{tag}_loss.csv", data_fingerprint(train.x), lp.train_text_encoder)
+    pipe = models.assemble_pipeline(vae, run["model"].encoder(), tok, run["model"].unet, models.noise_scheduler())
+    tmp = work / f"models-{tag}.tmp"
+    pipe.save_pretrained(tmp / "mep")
+    (tmp / "mep" / "training_prompts.json").write_text(json.dumps(sorted(set(prompts)), indent=0))
+    for name in ("baseline", "prototype_classifier"):
+        if (stage / name).is_dir():
+            (tmp / name).symlink_to((stage / name).resolve())
+    tmp.replace(folder)
+    return folder
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", type=Path, default=None, help="a project whose stages up to dino_pretrain have run")
     ap.add_argument("--n", type=int, default=256, help="images per setting")
-    ap.add_argument("--cfg", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 8.0])
-    ap.add_argument("--cfg-baseline", type=float, nargs="*", default=[1.0, 3.0, 8.0])
-    ap.add_argument("--classifier-scale", type=float, nargs="+", default=[3.0, 10.0, 30.0])
+    ap.add_argument("--cfg", type=float, nargs="*", default=[1.0, 2.0, 3.0, 5.0, 8.0], help="cfg_mep's CFG scales")
+    ap.add_argument("--cfg-baseline", type=float, nargs="*", default=[1.0, 3.0, 8.0], help="cfg_baseline's CFG scales")
+    ap.add_argument("--classifier-scale", type=float, nargs="*", default=[3.0, 10.0, 30.0])
+    ap.add_argument("--unet", nargs="*", default=[], metavar="KEY=VALUE", help="retrain the mep UNet with these ldm_finetune settings")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=None, help="CSV (default: <root>/checkpoints/benchmarks/generator_levers.csv)")
     a = ap.parse_args()
     root = (a.root or config.project_root()).resolve()
@@ -70,14 +141,23 @@ def main() -> int:
     GP, SUP = P.guided_sampling, P.linear_probe.supervised
     work = root / "checkpoints" / "benchmarks" / "generator_levers"
     out = a.out or work.with_suffix(".csv")
-    done = pd.read_csv(out) if out.is_file() else pd.DataFrame()
-    todo = [s for s in settings(a) if done.empty or not ((done["mode"] == s[0]) & (done.cfg_scale == s[1])
-                                                        & (done.classifier_scale == s[2]) & (done.n == a.n)).any()]
+    unet_name = " ".join(a.unet) or "stage"
+    lp = overridden(P.ldm_finetune, a.unet)  # bad keys or values fail here, before anything runs
+    done = pd.read_csv(out, keep_default_na=False, na_values=[""]) if out.is_file() else pd.DataFrame()
+    if not done.empty and "unet" not in done:
+        done["unet"] = "stage"
+
+    def is_done(mode, w, s):
+        return not done.empty and ((done["mode"] == mode) & (done.cfg_scale == w) & (done.classifier_scale == s)
+                                   & (done.n == a.n) & (done.unet == unet_name)).any()
+
+    todo = [s for s in settings(a) if not is_done(*s)]
     print(f"{root}: profile {P.profile}, {GP.sampler} {GP.steps} steps, JPEG {GP.jpeg_quality}; N = {a.n} per setting; "
-          f"{len(todo)} of {len(settings(a))} settings to run")
+          f"UNet: {unet_name}; {len(todo)} of {len(settings(a))} settings to run")
 
     # everything the settings need, loaded (and checked) before any sampling
-    models_ = S.load_models(root / "models" / "ldm_finetune", {"mep", "baseline"}, "cpu")
+    model_root = retrained_mep(root, P, lp, work, a.device) if a.unet else root / "models" / "ldm_finetune"
+    models_ = S.load_models(model_root, {"mep", "baseline"}, a.device)
     table = pd.read_csv(root / "data" / "prototypes" / "prompts_train.csv")
     req = S.allocate(table[table.in_balanced_subset], a.n, GP.allocation, GP.balance_labels, P.seed)
     for mode in {s[0] for s in todo}:
@@ -92,39 +172,40 @@ def main() -> int:
     if (root / "models" / "dino_pretrain" / "real" / "config.json").is_file():
         backbone = SelfTrained.load(root / "models" / "dino_pretrain" / "real")
         real_feats, _ = read_features(root / "data" / "dino_pretrain" / "features" / "real.h5")
-        K = len(centroids)
-        indep = (backbone, centroids_in(real_feats["real_train"].features, table.prototype.to_numpy(), K))
+        indep = (backbone, centroids_in(real_feats["real_train"].features, table.prototype.to_numpy(), len(centroids)))
     print(f"judges: own (prototypes DINO, K = {len(centroids)}), independent: "
           f"{'dino_pretrain real backbone' if indep else 'none (no models/dino_pretrain/real)'}; "
           f"fd_dino against {len(ref)} real train images; AUROC on {len(test)} real test images")
 
-    def images(mode, w, s):  # made (or resumed from its shards) exactly as guided_sampling makes them
+    def images(mode, w, s, unet):  # made (or resumed from its shards) exactly as guided_sampling makes them
         gp = GP.model_copy(update={"cfg_scale": w, "classifier_scale": s})
-        folder = work / f"n{a.n}-cfg{w:g}-cls{s:g}"
-        S.generate_mode(mode, req, models_, gp, folder)
+        uses_mep = S.MODE_SPEC[mode][0] == "mep"
+        tag = "" if unet == "stage" or not uses_mep else T.params_hash({"unet": unet}) + "-"
+        folder = work / f"{tag}n{a.n}-cfg{w:g}-cls{s:g}"
+        S.generate_mode(mode, req, models_, gp, folder, a.device)
         return S.merge_mode(mode, a.n, gp.shard_size, folder, folder / f"{mode}.h5", keys=S.shard_keys(mode, req, gp, models_)).x
 
-    def save(table):
+    def save(t):
         out.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(out.with_suffix(".tmp"), index=False)
+        t.to_csv(out.with_suffix(".tmp"), index=False)
         out.with_suffix(".tmp").replace(out)
 
     for mode, w, s in todo:
         t0 = time.perf_counter()
-        x = images(mode, w, s)
-        seconds = time.perf_counter() - t0
-        row = {"mode": mode, "cfg_scale": w, "classifier_scale": s, "n": a.n, "sampling_s": round(seconds, 1)}
-        f = extractor(x)
+        x = images(mode, w, s, unet_name)
+        row = {"unet": unet_name, "mode": mode, "cfg_scale": w, "classifier_scale": s, "n": a.n,
+               "sampling_s": round(time.perf_counter() - t0, 1)}
+        f = extractor(x, device=a.device)
         row.update(zip(("hit_own", "hit_own_lo", "hit_own_hi"), wilson(assign(centroids, f) == req.prototype)))
         if indep:
             row.update(zip(("hit_indep", "hit_indep_lo", "hit_indep_hi"),
-                           wilson(assign(indep[1], indep[0](x)) == req.prototype)))
+                           wilson(assign(indep[1], indep[0](x, device=a.device)) == req.prototype)))
         r = fd(ref, f, n_bootstrap=200, seed=derive_seed(P.seed, "generator_levers", mode))
         row.update(fd_dino=r["value"], fd_dino_lo=r["ci95"][0], fd_dino_hi=r["ci95"][1])
         seed = derive_seed(P.seed, "supervised")
         net = CNN.train_cnn(CNN.to_tensor(x, SUP.image_size), req.label, np.arange(a.n), SUP.steps, SUP.batch_size,
-                            seed, lr=SUP.lr, cosine=True)
-        m = C.metrics_with_ci(test.y, CNN.predict(net, test_x), 1000, seed)
+                            seed, a.device, lr=SUP.lr, cosine=True)
+        m = C.metrics_with_ci(test.y, CNN.predict(net, test_x, a.device), 1000, seed)
         row.update(auroc=m["auroc"]["value"], auroc_lo=m["auroc"]["ci95"][0], auroc_hi=m["auroc"]["ci95"][1],
                    n_test=m["n"], seed=P.seed)
         done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
@@ -133,13 +214,14 @@ def main() -> int:
     cols = ["hit_indep", "hit_indep_lo", "hit_indep_hi"]
     if indep and not done.empty:  # settings run before the backbone existed: judged now, from their kept images
         done = done.reindex(columns=list(done.columns) + [c for c in cols if c not in done])
-        for i in np.flatnonzero(done.hit_indep.isna().to_numpy() & (done.n == a.n).to_numpy()):
+        missing = done.hit_indep.isna().to_numpy() & (done.n == a.n).to_numpy() & (done.unet == unet_name).to_numpy()
+        for i in np.flatnonzero(missing):
             r = done.iloc[i]
-            done.loc[i, cols] = wilson(
-                assign(indep[1], indep[0](images(r["mode"], r.cfg_scale, r.classifier_scale))) == req.prototype)
+            x = images(r["mode"], r.cfg_scale, r.classifier_scale, r.unet)
+            done.loc[i, cols] = wilson(assign(indep[1], indep[0](x, device=a.device)) == req.prototype)
         save(done)
-    order = ["mode", "cfg_scale", "classifier_scale", "n", "hit_own", "hit_own_lo", "hit_own_hi", *cols, "fd_dino",
-             "fd_dino_lo", "fd_dino_hi", "auroc", "auroc_lo", "auroc_hi", "n_test", "sampling_s", "seed"]
+    order = ["unet", "mode", "cfg_scale", "classifier_scale", "n", "hit_own", "hit_own_lo", "hit_own_hi", *cols,
+             "fd_dino", "fd_dino_lo", "fd_dino_hi", "auroc", "auroc_lo", "auroc_hi", "n_test", "sampling_s", "seed"]
     print(f"\n{out} (chance hit rate {S.chance_hit_rate(req.prototype, table.prototype.to_numpy()):.3f}):\n"
           + done[done.n == a.n].reindex(columns=[c for c in order if c in done]).round(3).to_markdown(index=False))
     return 0
