@@ -28,11 +28,13 @@ def test_fd_matches_torchmetrics_and_scipy():
     assert mine == pytest.approx(ref, rel=1e-8)
 
 
-def test_fd_matches_scipy_sqrtm_when_n_is_below_the_dimension():
-    """The study's spaces are wide (192-768) and sets small (N = 128 on tiny): rank-deficient covariances."""
+@pytest.mark.parametrize("n1, n2, d", [(100, 120, 192), (400, 40, 64), (40, 400, 64)])
+def test_fd_matches_scipy_sqrtm_when_n_is_below_the_dimension(n1, n2, d):
+    """The study's spaces are wide (192-768) and sets small (N = 128 on tiny): rank-deficient covariances,
+    one of them (no Cholesky factor for it: the other is factored) or both (an eigendecomposition)."""
     from scipy.linalg import sqrtm
 
-    x, y = _gauss(100, 192, 5), _gauss(120, 192, 6, 0.2)
+    x, y = _gauss(n1, d, 5), _gauss(n2, d, 6, 0.2)
     s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
     ref = ((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * sqrtm(s1 @ s2).real)
     assert F.fd(x, y)["value"] == pytest.approx(ref, rel=1e-6)
