@@ -14,12 +14,11 @@ measures them with:
 - ``hit_own``: requested prototype == nearest prototype centroid in the prototypes stage's DINO space (guided_sampling's
   own judge), Wilson 95% CI;
 - ``hit_indep``: the same in the dino_pretrain ``real`` backbone's space (fid_umap_coverage's independent judge: a DINO
-  trained apart from the generator), Wilson 95% CI; where that backbone exists (a later call fills it in for
-  settings run before it existed, from their kept images);
-- ``fd_dino``: Fréchet distance in the prototypes stage's DINO space against real train features (N_ref = 4,000
-  or the split), 95% bootstrap CI; it is not an Inception FID;
-- ``auroc``: the synthetic-only experiment: linear_probe's small CNN recipe (``linear_probe.supervised``) trained on the
-  N synthetic images with their requested labels, judged on the real test split, stratified bootstrap 95% CI.
+  trained apart from the generator), Wilson 95% CI; empty where that backbone does not exist;
+- ``fd_dino``: Fréchet distance in the prototypes stage's DINO space against fid_umap_coverage's real reference (the same
+  seeded ``n_reference`` train images), bootstrap 95% CI; it is not an Inception FID;
+- ``auroc``: the synthetic-only experiment, linear_probe's own ``cnn.supervised_run`` (its recipe, seed and cache) on
+  the N synthetic images with their requested labels, judged on the real test split, stratified bootstrap 95% CI.
 
 ``--unet`` settings (YAML values, keys under ``ldm_finetune``: ``train.steps=3000``, ``snr_gamma=null``,
 ``unet.block_out_channels=[96,192]``, ``use_balanced_subset=false``, ...) retrain the mep UNet (and its text
@@ -42,7 +41,6 @@ import pandas as pd
 import torch
 import yaml
 from diffusers import AutoencoderKL
-from statsmodels.stats.proportion import proportion_confint
 
 from pathsynth import config
 from pathsynth.data.dataset import read_imageset
@@ -52,13 +50,13 @@ from pathsynth.metrics import classification as C, cnn as CNN
 from pathsynth.metrics.fidelity import fd
 from pathsynth.prototypes.cluster import assign, centroids_in
 from pathsynth.prototypes.features import SelfTrained, data_fingerprint, load_extractor
+from pathsynth.readerstudy.stats import wilson
 from pathsynth.runtime import derive_seed
 
 
-def wilson(hits: np.ndarray) -> tuple[float, float, float]:
-    k, n = int(hits.sum()), len(hits)
-    lo, hi = proportion_confint(k, n, alpha=0.05, method="wilson")
-    return k / n, lo, hi
+def rate(hits: np.ndarray) -> list[float]:
+    """Hit rate and its Wilson 95% CI."""
+    return [float(hits.mean()), *wilson(int(hits.sum()), len(hits))]
 
 
 def settings(a) -> list[tuple[str, float, float]]:
@@ -144,8 +142,6 @@ def main() -> int:
     unet_name = " ".join(a.unet) or "stage"
     lp = overridden(P.ldm_finetune, a.unet)  # bad keys or values fail here, before anything runs
     done = pd.read_csv(out, keep_default_na=False, na_values=[""]) if out.is_file() else pd.DataFrame()
-    if not done.empty and "unet" not in done:
-        done["unet"] = "stage"
 
     def is_done(mode, w, s):
         return not done.empty and ((done["mode"] == mode) & (done.cfg_scale == w) & (done.classifier_scale == s)
@@ -165,7 +161,9 @@ def main() -> int:
     extractor = load_extractor(P, root)
     centroids = np.load(root / "data" / "prototypes" / "centroids.npz")["centroids"]
     feats_train = np.load(root / "data" / "prototypes" / "features_train.npy")
-    ref = feats_train[np.sort(np.random.default_rng(0).choice(len(feats_train), min(4000, len(feats_train)), replace=False))]
+    Q = P.fid_umap_coverage  # fid_umap_coverage's reference draw
+    ref = feats_train[np.sort(np.random.default_rng(derive_seed(P.seed, "fid_reference")).choice(
+        len(feats_train), min(Q.n_reference, len(feats_train)), replace=False))]
     test = read_imageset(root / "data" / "data_prep" / "test.h5")
     test_x = CNN.to_tensor(test.x, SUP.image_size)
     indep = None
@@ -196,30 +194,21 @@ def main() -> int:
         row = {"unet": unet_name, "mode": mode, "cfg_scale": w, "classifier_scale": s, "n": a.n,
                "sampling_s": round(time.perf_counter() - t0, 1)}
         f = extractor(x, device=a.device)
-        row.update(zip(("hit_own", "hit_own_lo", "hit_own_hi"), wilson(assign(centroids, f) == req.prototype)))
+        row.update(zip(("hit_own", "hit_own_lo", "hit_own_hi"), rate(assign(centroids, f) == req.prototype)))
         if indep:
             row.update(zip(("hit_indep", "hit_indep_lo", "hit_indep_hi"),
-                           wilson(assign(indep[1], indep[0](x, device=a.device)) == req.prototype)))
-        r = fd(ref, f, n_bootstrap=200, seed=derive_seed(P.seed, "generator_levers", mode))
+                           rate(assign(indep[1], indep[0](x, device=a.device)) == req.prototype)))
+        r = fd(ref, f, n_bootstrap=Q.n_bootstrap, seed=derive_seed(P.seed, "generator_levers", mode))
         row.update(fd_dino=r["value"], fd_dino_lo=r["ci95"][0], fd_dino_hi=r["ci95"][1])
         seed = derive_seed(P.seed, "supervised")
-        net = CNN.train_cnn(CNN.to_tensor(x, SUP.image_size), req.label, np.arange(a.n), SUP.steps, SUP.batch_size,
-                            seed, a.device, lr=SUP.lr, cosine=True)
-        m = C.metrics_with_ci(test.y, CNN.predict(net, test_x, a.device), 1000, seed)
+        score = CNN.supervised_run(x, req.label, test_x, SUP, seed, work / "cnn", a.device)
+        m = C.metrics_with_ci(test.y, score, P.linear_probe.n_bootstrap, seed)
         row.update(auroc=m["auroc"]["value"], auroc_lo=m["auroc"]["ci95"][0], auroc_hi=m["auroc"]["ci95"][1],
                    n_test=m["n"], seed=P.seed)
         done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
         save(done)
         print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
     cols = ["hit_indep", "hit_indep_lo", "hit_indep_hi"]
-    if indep and not done.empty:  # settings run before the backbone existed: judged now, from their kept images
-        done = done.reindex(columns=list(done.columns) + [c for c in cols if c not in done])
-        missing = done.hit_indep.isna().to_numpy() & (done.n == a.n).to_numpy() & (done.unet == unet_name).to_numpy()
-        for i in np.flatnonzero(missing):
-            r = done.iloc[i]
-            x = images(r["mode"], r.cfg_scale, r.classifier_scale, r.unet)
-            done.loc[i, cols] = wilson(assign(indep[1], indep[0](x, device=a.device)) == req.prototype)
-        save(done)
     order = ["unet", "mode", "cfg_scale", "classifier_scale", "n", "hit_own", "hit_own_lo", "hit_own_hi", *cols,
              "fd_dino", "fd_dino_lo", "fd_dino_hi", "auroc", "auroc_lo", "auroc_hi", "n_test", "sampling_s", "seed"]
     print(f"\n{out} (chance hit rate {S.chance_hit_rate(req.prototype, table.prototype.to_numpy()):.3f}):\n"
