@@ -8,7 +8,7 @@ from pathsynth import config
 from pathsynth.data.dataset import DataError, ImageSet, write_imageset
 from pathsynth.data.features import FeatureSet, read_features, write_features
 from pathsynth.metrics.fidelity import MetricError
-from pathsynth.metrics.knn import knn_accuracy, knn_scores
+from pathsynth.metrics.knn import knn_accuracy, knn_correct, knn_scores, paired_accuracy
 from pathsynth.ssl import pretrain as PT
 from pathsynth.training import MixedStream
 
@@ -81,6 +81,57 @@ def test_knn_bad_input():
         knn_scores(np.full((5, 3), np.nan), np.zeros(5, int), f)
     with pytest.raises(MetricError, match="k = 20"):
         knn_scores(f, np.zeros(5, int), f, k=20)
+
+
+def test_paired_accuracy_matches_an_exact_binomial_test():
+    from scipy.stats import binomtest
+
+    rng = np.random.default_rng(3)
+    b = rng.random(400) < 0.7
+    a = b.copy()
+    a[rng.choice(np.flatnonzero(~b), 40, replace=False)] = True   # a right where b is wrong, 40 times
+    a[rng.choice(np.flatnonzero(b), 18, replace=False)] = False   # and wrong where b is right, 18 times
+    t = paired_accuracy(a, b, n_bootstrap=2000, seed=1)
+    assert (t["only_a_correct"], t["only_b_correct"], t["n"]) == (40, 18, 400)
+    assert t["diff"] == pytest.approx((40 - 18) / 400)
+    # McNemar's exact test is the two-sided binomial test of the discordant pairs at one half (scipy: independent)
+    assert t["p_mcnemar"] == pytest.approx(binomtest(40, 58, 0.5).pvalue, rel=1e-9)
+    assert t["ci95"][0] < t["diff"] < t["ci95"][1] and t["ci95"][0] > 0
+    assert paired_accuracy(b, b)["p_mcnemar"] == 1.0 and paired_accuracy(b, b)["ci95"] == [0.0, 0.0]
+    with pytest.raises(MetricError, match="one length"):
+        paired_accuracy(a[:10], b)
+
+
+def test_paired_knn_tests_against_the_floor_and_the_real_reference():
+    dp = config.section("dino_pretrain", ladder=[0.25], synthetic_modes=["classifier"])
+    regimes = PT.regimes(dp)
+    rng = np.random.default_rng(0)
+    floor = rng.random(300) < 0.6
+    better = floor | (rng.random(300) < 0.5)           # right wherever the floor is, and on about half the rest
+    correct = {r.name: (floor.copy() if r.name in ("random_init", "synthetic_classifier") else better) for r in regimes}
+    out = PT.paired_knn_tests(correct, regimes, n_bootstrap=200, seed=0)
+    assert out["random_init"] == {}
+    assert out["real"]["vs_floor"]["reading"] == "above" and out["real"]["vs_floor"]["p_holm"] < 1e-6
+    assert out["synthetic_classifier"]["vs_floor"]["reading"] == "not distinguishable"
+    assert out["synthetic_classifier"]["vs_real"]["against"] == "real"
+    assert out["synthetic_classifier"]["vs_real"]["reading"] == "below"
+    assert out["hybrid_25pct"]["vs_real"]["against"] == "real_25pct"
+    assert out["hybrid"]["vs_real"]["reading"] == "not distinguishable" and "vs_real" not in out["real_25pct"]
+    # Holm over the floor family: the adjusted p is at least the raw one
+    assert all(v["vs_floor"]["p_holm"] >= v["vs_floor"]["p_mcnemar"] for v in out.values() if v)
+    with pytest.raises(DataError, match="random_init"):
+        PT.paired_knn_tests({"real": floor}, regimes[1:2], 10, 0)
+
+
+def test_knn_probe_decisions_from_exported_features():
+    rng = np.random.default_rng(2)
+    train = ImageSet(rng.integers(0, 255, (50, 8, 8, 3), dtype=np.uint8), rng.integers(0, 2, 50))
+    valid = ImageSet(rng.integers(0, 255, (20, 8, 8, 3), dtype=np.uint8), rng.integers(0, 2, 20))
+    probe = PT.KnnProbe(train, valid, k=5, temperature=0.1, device="cpu", max_train=30, seed=1)
+    ftr, fva = rng.normal(size=(50, 6)), rng.normal(size=(20, 6))
+    got = probe.correct(ftr, fva)
+    np.testing.assert_array_equal(got, knn_correct(ftr[probe.bank], train.y[probe.bank], fva, valid.y, 5, 0.1))
+    assert got.mean() == knn_accuracy(ftr[probe.bank], train.y[probe.bank], fva, valid.y, 5, 0.1)["accuracy"]
 
 
 # ------------------------------------------------------------------ regimes and the ladder

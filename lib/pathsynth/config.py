@@ -305,6 +305,7 @@ class DinoPretrain(Strict):
     knn_k: int = Field(ge=1)  # the DINO reference's eval_knn: 20
     knn_temperature: float = Field(gt=0)  # 0.07
     knn_max_train: Optional[int] = Field(ge=1)  # k-NN memory bank: a seeded subsample of real train; null = all
+    n_bootstrap: int = Field(ge=10)  # paired bootstrap CI of k-NN accuracy differences (regime vs floor, vs real)
     umap_max_points: int = Field(ge=10)
 
     @model_validator(mode="after")

@@ -324,9 +324,11 @@ def extras(m: Metrics) -> pd.DataFrame:
         rows.append(("phantom ground-truth recovery", "-", "not applicable: real data carry no true morphology labels", "prototypes"))
     for name, r in m.get("dino_pretrain", "regimes").items():
         d = r.get("distinct_images", {})
+        paired = "".join(f"; vs {t['against']} {t['diff']:+.3f} {ci(t['ci95'])}, McNemar p (Holm) {t['p_holm']:.2g}: "
+                         f"{t['reading']}" for t in (r.get("vs_floor"), r.get("vs_real")) if t)
         rows.append(("data-efficiency ladder (DINO k-NN)", name,
                      f"accuracy {r['knn']['accuracy']:.3f} {ci(r['knn']['ci95'])} (N = {r['knn']['n']} valid; "
-                     f"{d.get('real', 0)} real + {d.get('synthetic', 0)} synthetic distinct images)", "dino_pretrain"))
+                     f"{d.get('real', 0)} real + {d.get('synthetic', 0)} synthetic distinct images){paired}", "dino_pretrain"))
     for name, r in m.get("linear_probe", "supervised", "runs").items():
         if name.startswith("real"):
             rows.append(("data-efficiency ladder (supervised CNN)", name,

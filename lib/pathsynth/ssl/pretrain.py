@@ -102,6 +102,7 @@ class KnnProbe:
         idx = np.arange(len(train))
         if max_train and max_train < len(train):
             idx = np.sort(np.random.default_rng(seed).choice(len(train), max_train, replace=False))
+        self.bank = idx  # rows of the real train split in the memory bank
         self.train_x, self.train_y = train.x[idx], train.y[idx]
         self.valid_x, self.valid_y = valid.x, valid.y
         self.k, self.temperature, self.device = min(k, len(idx)), temperature, device
@@ -115,6 +116,13 @@ class KnnProbe:
         """The evaluation of a DinoTask (its teacher backbone), as training.train_loop calls it."""
         return self.of_backbone(task.teacher.backbone)
 
+    def correct(self, train_features: np.ndarray, valid_features: np.ndarray) -> np.ndarray:
+        """Per valid image, whether the k-NN vote is right, from features of the whole real train split and
+        of the valid split (as ``export`` writes them): the memory bank and vote of the evaluations."""
+        from ..metrics.knn import knn_correct
+
+        return knn_correct(train_features[self.bank], self.train_y, valid_features, self.valid_y, self.k, self.temperature)
+
     def of_backbone(self, bb) -> dict:
         from ..metrics.knn import knn_accuracy
 
@@ -123,6 +131,41 @@ class KnnProbe:
                          self.valid_y, self.k, self.temperature)
         bb.train(was)
         return {"knn_accuracy": r["accuracy"], "knn_ci95": r["ci95"], "knn_n": r["n"]}
+
+
+def reference_of(regime: Regime, names: set[str]) -> str | None:
+    """The real regime a synthetic or hybrid regime is judged against: ``real`` for the synthetic-only ones
+    (the paper's claim: competitive with encoders trained on far more real data) and for ``hybrid``, the same
+    ladder rung without synthetic data for ``hybrid_<p>pct``."""
+    if regime.kind == "synthetic" or regime.name == "hybrid":
+        return "real" if "real" in names else None
+    if regime.kind == "hybrid":
+        rung = regime.name.replace("hybrid_", "real_", 1)
+        return rung if rung in names else None
+    return None
+
+
+def paired_knn_tests(correct: dict[str, np.ndarray], regimes: list[Regime], n_bootstrap: int, seed: int) -> dict:
+    """Paired comparisons of the final k-NN decisions on the same real valid images (``metrics.knn.paired_accuracy``),
+    two families, each Holm-corrected: every trained regime against the random-init floor (does pretraining
+    learn?), and every synthetic or hybrid regime against its real reference (``reference_of``). Returns
+    ``{regime: {"vs_floor": ..., "vs_real": ...}}`` with ``reading`` "above", "below" or "not distinguishable"
+    (Holm p < 0.05 decides)."""
+    from ..metrics.classification import holm
+    from ..metrics.knn import paired_accuracy
+
+    names = {r.name for r in regimes}
+    if "random_init" not in correct:
+        raise DataError("paired k-NN tests need the random_init regime (the floor)")
+    families = {"vs_floor": [(r.name, "random_init") for r in regimes if r.kind != "random_init"],
+                "vs_real": [(r.name, ref) for r in regimes if (ref := reference_of(r, names))]}
+    out: dict[str, dict] = {r.name: {} for r in regimes}
+    for family, pairs in families.items():
+        tests = [paired_accuracy(correct[a], correct[b], n_bootstrap, seed) for a, b in pairs]
+        for (a, b), t, p in zip(pairs, tests, holm([t["p_mcnemar"] for t in tests]) if tests else []):
+            reading = "not distinguishable" if p >= 0.05 else ("above" if t["diff"] > 0 else "below")
+            out[a][family] = {"against": b, **t, "p_holm": float(p), "reading": reading}
+    return out
 
 
 def random_backbone(cfg, image_size: int, seed: int):
