@@ -276,6 +276,18 @@ def test_study_through_dvc_and_papermill(dvc_study):
     assert page.count("vegaEmbed('#") >= 15 and page.count("<img") >= 20
     times = pd.read_csv(s.root / "reports" / "timings.csv")
     assert (times.wall_s > 0).all() and (times.peak_rss_mb > 100).all(), times  # recorded by pathsynth.run, not typed
+    # benchmarks/generator_levers.py on this project: a sampling setting on the stage's models and one on a retrained
+    # mep UNet (issue 14's training-time levers), every yardstick with its CI; a second call finds both rows done
+    bench = [sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "generator_levers.py"), "--root", str(s.root),
+             "--n", "8", "--cfg", "3", "--cfg-baseline", "--classifier-scale"]
+    run(bench, s.root)
+    run(bench + ["--unet", "train.steps=4"], s.root)
+    assert "0 of 1 settings to run" in run(bench + ["--unet", "train.steps=4"], s.root)
+    lev = pd.read_csv(s.root / "checkpoints" / "benchmarks" / "generator_levers.csv")
+    assert list(lev.unet) == ["stage", "train.steps=4"] and set(lev["mode"]) == {"cfg_mep"} and (lev.n == 8).all()
+    for col in ("hit_own", "hit_indep"):  # Wilson intervals hold their rate
+        assert (lev[f"{col}_lo"] <= lev[col]).all() and (lev[col] <= lev[f"{col}_hi"]).all(), lev[[col, f"{col}_lo", f"{col}_hi"]]
+    assert (lev.fd_dino > 0).all() and (lev.fd_dino_lo <= lev.fd_dino_hi).all() and lev.auroc.between(0, 1).all()
     # bad input, each a clear error before any compute: a backbone dino_pretrain did not make, missing weights
     for bad, says in (({"backbones": ["real", "synthetic_unguided"]}, "names 'synthetic_unguided', which dino_pretrain does not make"),
                       ({"external": [{"name": "uni", "timm_model": "resnet10t", "weights": "weights/none.safetensors"}]},
