@@ -285,6 +285,9 @@ def test_study_through_dvc_and_papermill(dvc_study):
     assert "0 of 1 settings to run" in run(bench + ["--unet", "train.steps=4"], s.root)
     lev = pd.read_csv(s.root / "checkpoints" / "benchmarks" / "generator_levers.csv")
     assert list(lev.unet) == ["stage", "train.steps=4"] and set(lev["mode"]) == {"cfg_mep"} and (lev.n == 8).all()
+    # the retrained UNet exists and made other images than the stage's (a lever that was ignored would repeat the row)
+    assert len(list((s.root / "checkpoints" / "benchmarks" / "generator_levers").glob("models-*/mep"))) == 1
+    assert lev.fd_dino.nunique() == 2
     for col in ("hit_own", "hit_indep"):  # Wilson intervals hold their rate
         assert (lev[f"{col}_lo"] <= lev[col]).all() and (lev[col] <= lev[f"{col}_hi"]).all(), lev[[col, f"{col}_lo", f"{col}_hi"]]
     assert (lev.fd_dino > 0).all() and (lev.fd_dino_lo <= lev.fd_dino_hi).all() and lev.auroc.between(0, 1).all()
