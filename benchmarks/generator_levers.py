@@ -18,12 +18,16 @@ measures them with:
 - ``fd_dino``: Fréchet distance in the prototypes stage's DINO space against fid_umap_coverage's real reference (the same
   seeded ``n_reference`` train images), bootstrap 95% CI; it is not an Inception FID;
 - ``auroc``: the synthetic-only experiment, linear_probe's own ``cnn.supervised_run`` (its recipe, seed and cache) on
-  the N synthetic images with their requested labels, judged on the real test split, stratified bootstrap 95% CI.
+  the N synthetic images with their requested labels, judged on the real test split, stratified bootstrap 95% CI;
+- ``c2st``: fid_umap_coverage's pixel machine reader (``readers.c2st_cnn``, its epochs, held-out share and bootstrap)
+  on N seeded real valid patches against the N images, AUROC with a bootstrap 95% CI (0.5: indistinguishable).
+  Rows written before this column existed get it from their kept images on the next call that names them.
 
 ``--unet`` settings (YAML values, keys under ``ldm_finetune``: ``train.steps=3000``, ``snr_gamma=null``,
 ``unet.block_out_channels=[96,192]``, ``use_balanced_subset=false``, ...) retrain the mep UNet (and its text
 encoder) on latents of the stage's own VAE, resumably, with everything else as the profile has it; its modes
-use it, the baseline modes keep the stage's baseline model, and the classifier is the stage's. Rows name the
+use it, the baseline modes keep the stage's baseline model, and the classifier is the stage's. ``vae.*`` settings
+(``vae.disc_weight=0.5``) retrain the VAE first (shared with ``vae_levers.py``), and the classifier on its latents. Rows name the
 UNet in the ``unet`` column ("stage": the stage's own models).
 
 Each finished setting is appended to the CSV (``--out``), and images and UNets are kept under
@@ -46,7 +50,7 @@ from pathsynth import config
 from pathsynth.data.dataset import read_imageset
 from pathsynth.data.features import read_features
 from pathsynth.diffusion import models, sampling as S, train as T
-from pathsynth.metrics import classification as C, cnn as CNN
+from pathsynth.metrics import classification as C, cnn as CNN, readers as R
 from pathsynth.metrics.fidelity import fd
 from pathsynth.prototypes.cluster import assign, centroids_in
 from pathsynth.prototypes.features import SelfTrained, data_fingerprint, load_extractor
@@ -65,30 +69,53 @@ def settings(a) -> list[tuple[str, float, float]]:
     return out + [("classifier", 1.0, s) for s in a.classifier_scale]
 
 
-def overridden(lp, pairs: list[str]):
+def overridden(lp, pairs: list[str], option: str = "--unet"):
     """ldm_finetune settings with KEY=VALUE changes (dotted keys, YAML values), validated like params.yaml."""
     raw = lp.model_dump(mode="json")
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"--unet {pair!r}: expected KEY=VALUE")
+            raise SystemExit(f"{option} {pair!r}: expected KEY=VALUE")
         node, parts = raw, key.split(".")
         for p in parts[:-1]:
             if not isinstance(node.get(p), dict):
-                raise SystemExit(f"--unet {pair!r}: ldm_finetune has no section '{p}'")
+                raise SystemExit(f"{option} {pair!r}: ldm_finetune has no section '{p}'")
             node = node[p]
         if parts[-1] not in node:
-            raise SystemExit(f"--unet {pair!r}: ldm_finetune has no setting '{key}'")
+            raise SystemExit(f"{option} {pair!r}: ldm_finetune has no setting '{key}'")
         node[parts[-1]] = yaml.safe_load(value)
     try:
         return type(lp).model_validate(raw)
     except ValueError as err:
-        raise SystemExit(f"--unet {' '.join(pairs)}: {err}") from None
+        raise SystemExit(f"{option} {' '.join(pairs)}: {err}") from None
+
+
+VAE_WORK = Path("checkpoints") / "benchmarks" / "vae_levers"  # VAEs retrained by either benchmark, shared
+
+
+def retrained_vae(root: Path, P, vae_cfg, device: str) -> Path:
+    """The VAE with settings ``vae_cfg`` (trained resumably under checkpoints/benchmarks/vae_levers/, where
+    vae_levers.py trains it too; saved once), or the stage's own where the settings are the profile's."""
+    if vae_cfg == P.ldm_finetune.vae:
+        return root / "models" / "ldm_finetune" / "vae"
+    tag = T.params_hash({"vae": vae_cfg.model_dump(mode="json")})
+    folder = root / VAE_WORK / f"vae-{tag}"
+    if not (folder / "config.json").is_file():
+        train = read_imageset(root / "data" / "data_prep" / "train.h5")
+        vae, run = T.train_vae(train.x, vae_cfg, P.seed, device, root / VAE_WORK / "checkpoints",
+                             root / VAE_WORK / f"vae-{tag}_loss.csv", data_fingerprint(train.x),
+                             perceptual=load_extractor(P, root) if vae_cfg.perceptual_weight else None)
+        vae.save_pretrained(folder.with_suffix(".tmp"))
+        (folder.with_suffix(".tmp") / "training.json").write_text(json.dumps({"train_seconds": run["train_seconds"]}))
+        folder.with_suffix(".tmp").replace(folder)
+    return folder
 
 
 def retrained_mep(root: Path, P, lp, work: Path, device: str) -> Path:
     """Train the mep UNet with settings ``lp`` (resumable) and return a model folder laid out like
-    models/ldm_finetune (mep retrained; baseline, vae and classifier linked to the stage's)."""
+    models/ldm_finetune (mep retrained; baseline and, unless the VAE changed, the classifier linked to the
+    stage's). With ``vae.*`` settings changed the VAE is retrained first, and the prototype classifier with it
+    (it reads that VAE's latents)."""
     if lp.regime != "scratch":
         raise SystemExit("--unet retrains the scratch regime's UNet; this profile fine-tunes a pretrained one")
     tag = T.params_hash({"ldm": lp.model_dump(mode="json")})
@@ -96,13 +123,14 @@ def retrained_mep(root: Path, P, lp, work: Path, device: str) -> Path:
     if (folder / "mep" / "training_prompts.json").is_file():
         return folder
     stage = root / "models" / "ldm_finetune"
-    vae = AutoencoderKL.from_pretrained(stage / "vae", local_files_only=True)
+    vae_dir = retrained_vae(root, P, lp.vae, device)
+    vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True)
     train = read_imageset(root / "data" / "data_prep" / "train.h5")
     table = pd.read_csv(root / "data" / "prototypes" / "prompts_train.csv")
     rows = np.flatnonzero(table.in_balanced_subset) if lp.use_balanced_subset else np.arange(len(train))
     T.check_batch_sizes(lp, n_unet=len(rows), n_vae=len(train))
     T.check_text_side(lp, table.iloc[rows])
-    cache = work / f"latents-{S.model_digest(stage / 'vae')[:16]}.pt"  # the whole train split, once per VAE
+    cache = work / f"latents-{S.model_digest(vae_dir)[:16]}.pt"  # the whole train split, once per VAE
     if not cache.is_file():
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(T.encode(vae, train.x, lp.resolution, device), cache.with_suffix(".tmp"))
@@ -110,14 +138,20 @@ def retrained_mep(root: Path, P, lp, work: Path, device: str) -> Path:
     mean, std = torch.load(cache)
     prompts = table.iloc[rows][T.PROMPT_COLUMN["mep"]].tolist()
     tok, te, unet = T.build_variant("mep", lp, prompts, None, tuple(mean.shape[1:]), P.seed)
+    fp = data_fingerprint(train.x)
     run = T.train_unet("mep", (mean[rows], std[rows]), prompts, tok, te, unet, lp, P.seed, device, work / "checkpoints",
-                       work / f"unet-{tag}_loss.csv", data_fingerprint(train.x), lp.train_text_encoder)
+                       work / f"unet-{tag}_loss.csv", fp, lp.train_text_encoder)
     pipe = models.assemble_pipeline(vae, run["model"].encoder(), tok, run["model"].unet, models.noise_scheduler())
     tmp = work / f"models-{tag}.tmp"
     pipe.save_pretrained(tmp / "mep")
     (tmp / "mep" / "training_prompts.json").write_text(json.dumps(sorted(set(prompts)), indent=0))
+    if vae_dir != stage / "vae":
+        k = int(np.load(root / "data" / "prototypes" / "centroids.npz")["k"])
+        clf, _ = T.train_classifier((mean, std), table.prototype.to_numpy(), k, lp.classifier, P.seed, device,
+                                    work / "checkpoints", work / f"classifier-{tag}_loss.csv", fp)
+        clf.save_pretrained(tmp / "prototype_classifier")
     for name in ("baseline", "prototype_classifier"):
-        if (stage / name).is_dir():
+        if (stage / name).is_dir() and not (tmp / name).exists():
             (tmp / name).symlink_to((stage / name).resolve())
     tmp.replace(folder)
     return folder
@@ -143,13 +177,20 @@ def main() -> int:
     lp = overridden(P.ldm_finetune, a.unet)  # bad keys or values fail here, before anything runs
     done = pd.read_csv(out, keep_default_na=False, na_values=[""]) if out.is_file() else pd.DataFrame()
 
-    def is_done(mode, w, s):
-        return not done.empty and ((done["mode"] == mode) & (done.cfg_scale == w) & (done.classifier_scale == s)
-                                   & (done.n == a.n) & (done.unet == unet_name)).any()
+    def row_of(mode, w, s):
+        if done.empty:
+            return None
+        hit = np.flatnonzero((done["mode"] == mode) & (done.cfg_scale == w) & (done.classifier_scale == s)
+                             & (done.n == a.n) & (done.unet == unet_name))
+        return int(hit[0]) if len(hit) else None
 
-    todo = [s for s in settings(a) if not is_done(*s)]
+    todo = [s for s in settings(a) if row_of(*s) is None]
+    # rows written before the pixel reader was part of the sweep get it from their kept images
+    no_c2st = [s for s in settings(a) if row_of(*s) is not None
+               and ("c2st" not in done or pd.isna(done.loc[row_of(*s), "c2st"]))]
     print(f"{root}: profile {P.profile}, {GP.sampler} {GP.steps} steps, JPEG {GP.jpeg_quality}; N = {a.n} per setting; "
-          f"UNet: {unet_name}; {len(todo)} of {len(settings(a))} settings to run")
+          f"UNet: {unet_name}; {len(todo)} of {len(settings(a))} settings to run"
+          + (f", {len(no_c2st)} to complete with the pixel C2ST" if no_c2st else ""))
 
     # everything the settings need, loaded (and checked) before any sampling
     model_root = retrained_mep(root, P, lp, work, a.device) if a.unet else root / "models" / "ldm_finetune"
@@ -171,6 +212,11 @@ def main() -> int:
         backbone = SelfTrained.load(root / "models" / "dino_pretrain" / "real")
         real_feats, _ = read_features(root / "data" / "dino_pretrain" / "features" / "real.h5")
         indep = (backbone, centroids_in(real_feats["real_train"].features, table.prototype.to_numpy(), len(centroids)))
+    valid = read_imageset(root / "data" / "data_prep" / "valid.h5")
+    if len(valid) < a.n:
+        raise SystemExit(f"--n {a.n}: the pixel C2ST needs as many real valid patches; the valid split has {len(valid)}")
+    c2st_seed = derive_seed(P.seed, "generator_levers", "c2st")  # the real side's draw and the reader's seed
+    real_px = valid.x[np.sort(np.random.default_rng(c2st_seed).choice(len(valid), a.n, replace=False))]
     print(f"judges: own (prototypes DINO, K = {len(centroids)}), independent: "
           f"{'dino_pretrain real backbone' if indep else 'none (no models/dino_pretrain/real)'}; "
           f"fd_dino against {len(ref)} real train images; AUROC on {len(test)} real test images")
@@ -188,11 +234,24 @@ def main() -> int:
         t.to_csv(out.with_suffix(".tmp"), index=False)
         out.with_suffix(".tmp").replace(out)
 
+    def pixel_c2st(x) -> dict:  # fid_umap_coverage's pixel machine reader, N real valid patches against the N images
+        r, _ = R.c2st_cnn(real_px, x, Q.c2st_test_fraction, c2st_seed, Q.c2st_cnn_epochs, n_bootstrap=Q.n_bootstrap,
+                          device=a.device)
+        return {"c2st": r["auroc"], "c2st_lo": r["ci95"][0], "c2st_hi": r["ci95"][1]}
+
+    for mode, w, s in no_c2st:
+        i = row_of(mode, w, s)
+        for k, v in pixel_c2st(images(mode, w, s, unet_name)).items():
+            done.loc[i, k] = v
+        save(done)
+        print(f"{mode} cfg {w:g} classifier {s:g}: pixel C2ST {done.loc[i, 'c2st']:.3f}", flush=True)
+
     for mode, w, s in todo:
         t0 = time.perf_counter()
         x = images(mode, w, s, unet_name)
         row = {"unet": unet_name, "mode": mode, "cfg_scale": w, "classifier_scale": s, "n": a.n,
                "sampling_s": round(time.perf_counter() - t0, 1)}
+        row.update(pixel_c2st(x))
         f = extractor(x, device=a.device)
         row.update(zip(("hit_own", "hit_own_lo", "hit_own_hi"), rate(assign(centroids, f) == req.prototype)))
         if indep:
@@ -210,7 +269,8 @@ def main() -> int:
         print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
     cols = ["hit_indep", "hit_indep_lo", "hit_indep_hi"]
     order = ["unet", "mode", "cfg_scale", "classifier_scale", "n", "hit_own", "hit_own_lo", "hit_own_hi", *cols,
-             "fd_dino", "fd_dino_lo", "fd_dino_hi", "auroc", "auroc_lo", "auroc_hi", "n_test", "sampling_s", "seed"]
+             "fd_dino", "fd_dino_lo", "fd_dino_hi", "auroc", "auroc_lo", "auroc_hi", "c2st", "c2st_lo", "c2st_hi",
+             "n_test", "sampling_s", "seed"]
     print(f"\n{out} (chance hit rate {S.chance_hit_rate(req.prototype, table.prototype.to_numpy()):.3f}):\n"
           + done[done.n == a.n].reindex(columns=[c for c in order if c in done]).round(3).to_markdown(index=False))
     return 0

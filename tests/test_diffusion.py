@@ -133,6 +133,112 @@ def test_vae_random_crops_are_subimages_and_bad_sizes_are_errors(tmp_path):
     assert out["steps"] == 2 and vae.config.scaling_factor > 0
 
 
+def _small_vit():
+    from pathsynth.ssl.dino import build_vit
+
+    torch.manual_seed(0)
+    return build_vit("vit_tiny", 2, 4, 16).eval()
+
+
+def test_dino_perceptual_distance_is_zero_only_for_equal_images_and_symmetric():
+    vit = _small_vit()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, 3, 16, 16, generator=g) * 2 - 1, torch.rand(3, 3, 16, 16, generator=g) * 2 - 1
+    with torch.no_grad():
+        same, ab, ba = T.dino_perceptual(vit, a, a), T.dino_perceptual(vit, a, b), T.dino_perceptual(vit, b, a)
+    assert same.shape == (3,) and torch.allclose(same, torch.zeros(3), atol=1e-10)
+    assert (ab > 1e-4).all() and torch.allclose(ab, ba)
+    # by hand: each block's patch tokens through timm's own layers, unit-normalised, mean squared difference
+    with torch.no_grad():
+        from pathsynth.ssl.augment import normalise
+
+        def tokens(x):
+            t = vit.patch_embed(normalise((x + 1) / 2))
+            t = vit._pos_embed(t)
+            t = vit.norm_pre(t)
+            out = []
+            for blk in vit.blocks:
+                t = blk(t)
+                out.append(t[:, vit.num_prefix_tokens:])
+            return out
+        expect = sum(((u / u.norm(dim=-1, keepdim=True)) - (v / v.norm(dim=-1, keepdim=True))).pow(2).mean(dim=(1, 2))
+                     for u, v in zip(tokens(a), tokens(b)))
+    assert torch.allclose(ab, expect, rtol=1e-4)
+
+
+def _vae_task(state, **weights):
+    t = T.VAETask(models.build_vae(LP.vae), 1e-6, None, **weights)
+    t.load_state_dict(state, strict=False)
+    return t
+
+
+def _reconstruct(t, x, seed):
+    """VAETask.forward's draws, by hand: flips, then the posterior sample."""
+    g = torch.Generator().manual_seed(seed)
+    xx = x.float().div(127.5).sub(1).permute(0, 3, 1, 2)
+    flip = torch.rand(len(xx), generator=g) < 0.5
+    xx = torch.where(flip[:, None, None, None], xx.flip(-1), xx)
+    post = t.vae.encode(xx).latent_dist
+    return xx, post, t.vae.decode(post.mean + post.std * torch.randn(post.mean.shape, generator=g)).sample
+
+
+def test_vae_adversarial_terms_do_not_move_the_other_player():
+    """One backward pass trains both players: the generator's term must not reach the discriminator's weights and
+    the discriminator's loss must not reach the VAE's. Checked against each player's loss written out alone."""
+    torch.manual_seed(0)
+    state = T.VAETask(models.build_vae(LP.vae), 1e-6, None, disc_weight=0.5).state_dict()
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (4, 16, 16, 3), dtype=np.uint8))
+    both = _vae_task(state, disc_weight=0.5)
+    both({"x": x}, torch.Generator().manual_seed(1)).backward()
+
+    d = _vae_task(state, disc_weight=0.5)
+    xx, post, rec = _reconstruct(d, x, 1)
+    (0.5 * (torch.relu(1 - d.disc(xx)).mean() + torch.relu(1 + d.disc(rec.detach())).mean())).backward()
+    assert all(torch.allclose(p.grad, q.grad, atol=1e-6) for p, q in zip(both.disc.parameters(), d.disc.parameters()))
+
+    v = _vae_task(state, disc_weight=0.5)
+    v.disc.requires_grad_(False)
+    xx, post, rec = _reconstruct(v, x, 1)
+    l1, adv = torch.nn.functional.l1_loss(rec, xx), -v.disc(rec).mean()
+    # taming-transformers' adaptive weight: gradient norms of both terms at the decoder's last layer
+    last = v.vae.decoder.conv_out.weight
+    w = (torch.autograd.grad(l1, last, retain_graph=True)[0].norm()
+         / (torch.autograd.grad(adv, last, retain_graph=True)[0].norm() + 1e-4))
+    assert 0 < w < 1e4
+    (l1 + 1e-6 * post.kl().mean() + 0.5 * w.detach() * adv).backward()
+    assert all(torch.allclose(p.grad, q.grad, atol=1e-6) for p, q in zip(both.vae.parameters(), v.vae.parameters()))
+
+    # before disc_start neither term counts: the VAE learns as without a discriminator, the discriminator not at all
+    late, plain = _vae_task(state, disc_weight=0.5, disc_start=10), _vae_task(state)
+    for t in (late, plain):
+        t({"x": x}, torch.Generator().manual_seed(1)).backward()
+    assert all(torch.allclose(p.grad, q.grad, atol=1e-7) for p, q in zip(late.vae.parameters(), plain.vae.parameters()))
+    assert all(p.grad.abs().max() == 0 for p in late.disc.parameters())
+
+
+def test_vae_with_the_whole_autoencoder_loss_trains_resumes_and_needs_its_dino(tmp_path):
+    from pathsynth.prototypes.features import SelfTrained
+
+    x = np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
+    cfg = LP.vae.model_copy(update={"disc_weight": 0.5, "disc_start": 1, "perceptual_weight": 1.0,
+                                    "train": loop(steps=2, batch_size=4)})
+    with pytest.raises(ValueError, match="perceptual_weight > 0 needs the prototypes stage's own DINO"):
+        T.train_vae(x, cfg, 0, "cpu", tmp_path, tmp_path / "l.csv", "fp")
+    ext = SelfTrained(_small_vit(), "test")
+    vae, out = T.train_vae(x, cfg, 0, "cpu", tmp_path, tmp_path / "l.csv", "fp", perceptual=ext)
+    log = pd.read_csv(tmp_path / "l.csv")
+    assert list(log.columns[-5:]) == ["l1", "perceptual", "g_loss", "d_loss", "disc_scale"] and (log.perceptual > 0).all()
+    assert log.disc_scale.iloc[0] == 0 and log.disc_scale.iloc[-1] > 0  # disc_start 1: off at the first step only
+    assert out["steps"] == 2 and vae.config.scaling_factor > 0
+    assert not any(k.startswith("_frozen") for k in out["model"].state_dict())  # the DINO is not checkpointed
+    again = T.train_vae(x, cfg, 0, "cpu", tmp_path, tmp_path / "l.csv", "fp", perceptual=ext)[1]
+    assert again["resumed_from"] == 2
+    other = SelfTrained(_small_vit().requires_grad_(False), "other")
+    with torch.no_grad():
+        other.backbone.blocks[0].mlp.fc1.weight.add_(0.1)
+    assert T.train_vae(x, cfg, 0, "cpu", tmp_path, tmp_path / "l.csv", "fp", perceptual=other)[1]["resumed_from"] == 0
+
+
 def test_sampling_settings_do_not_invalidate_unet_checkpoints():
     h = T.unet_run_hash("mep", LP, 0, "fp", PROMPTS)
     same = LP.model_copy(update={"sample_guidance": 7.5, "n_sample_seeds": 8,

@@ -291,6 +291,29 @@ def test_study_through_dvc_and_papermill(dvc_study):
     for col in ("hit_own", "hit_indep"):  # Wilson intervals hold their rate
         assert (lev[f"{col}_lo"] <= lev[col]).all() and (lev[col] <= lev[f"{col}_hi"]).all(), lev[[col, f"{col}_lo", f"{col}_hi"]]
     assert (lev.fd_dino > 0).all() and (lev.fd_dino_lo <= lev.fd_dino_hi).all() and lev.auroc.between(0, 1).all()
+    assert ((lev.c2st_lo <= lev.c2st) & (lev.c2st <= lev.c2st_hi)).all() and lev.c2st.between(0, 1).all()
+    # a row written before the pixel reader existed gets it from its kept images on the next call
+    lev.drop(columns=["c2st", "c2st_lo", "c2st_hi"]).to_csv(s.root / "checkpoints" / "benchmarks" / "generator_levers.csv", index=False)
+    assert "1 to complete with the pixel C2ST" in run(bench, s.root)
+    again = pd.read_csv(s.root / "checkpoints" / "benchmarks" / "generator_levers.csv")
+    assert again.c2st.iloc[0] == lev.c2st.iloc[0] and again.c2st.iloc[1:].isna().all()
+    # the VAE lever: benchmarks/vae_levers.py (the ceiling: reconstructions against real patches) with Stable
+    # Diffusion's whole autoencoder loss, then generator_levers.py on that VAE, which reuses it and retrains the
+    # prototype classifier on its latents
+    vae_set = ["disc_weight=0.5", "perceptual_weight=1.0", "train.steps=2"]
+    vbench = [sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "vae_levers.py"), "--root", str(s.root),
+              "--n", "8", "--vae", *vae_set]
+    run(vbench, s.root)
+    vl = pd.read_csv(s.root / "checkpoints" / "benchmarks" / "vae_levers.csv")
+    assert list(vl.vae) == ["real (no VAE)", "stage", " ".join(vae_set)] and vl.c2st.between(0, 1).all()
+    assert (vl.c2st_lo <= vl.c2st).all() and (vl.c2st <= vl.c2st_hi).all() and vl.psnr.iloc[1:].gt(5).all()
+    assert vl.train_s.iloc[2] > 0 and vl.fd_dino.iloc[1:].nunique() == 2
+    out = run(bench + ["--unet", *(f"vae.{v}" for v in vae_set), "train.steps=4"], s.root)
+    vae_dirs = list((s.root / "checkpoints" / "benchmarks" / "vae_levers").glob("vae-*/training.json"))
+    assert len(vae_dirs) == 1, vae_dirs  # trained once, by either script
+    retrained = [d for d in (s.root / "checkpoints" / "benchmarks" / "generator_levers").glob("models-*")
+                 if (d / "prototype_classifier").is_dir() and not (d / "prototype_classifier").is_symlink()]
+    assert len(retrained) == 1, out[-2000:]
     # bad input, each a clear error before any compute: a backbone dino_pretrain did not make, missing weights
     for bad, says in (({"backbones": ["real", "synthetic_unguided"]}, "names 'synthetic_unguided', which dino_pretrain does not make"),
                       ({"external": [{"name": "uni", "timm_model": "resnet10t", "weights": "weights/none.safetensors"}]},

@@ -204,6 +204,10 @@ class VAEParams(Strict):
     latent_channels: int
     kl_weight: float
     crop_size: Optional[int] = Field(ge=8)  # train on random crops of this side (whole patches are encoded); null = whole
+    # Stable Diffusion's autoencoder loss beside L1 + KL (issue 14's VAE lever); 0 = off:
+    disc_weight: float = Field(ge=0)  # PatchGAN hinge loss x taming's adaptive weight (SD: 0.5)
+    disc_start: int = Field(ge=0)  # steps of reconstruction only before the discriminator's terms count
+    perceptual_weight: float = Field(ge=0)  # distance in the prototypes stage's DINO features (SD: LPIPS, 1.0)
     train: Loop
 
 
