@@ -295,3 +295,24 @@ def test_extras_carry_n_and_a_ci():
     lo, hi = proportion_confint(3, 100, method="wilson")
     assert e["this run"].iloc[0].startswith(f"0.030 [{lo:.3f}, {hi:.3f}]: 3 of 100")
     assert "not applicable" in e["this run"].iloc[1]
+
+
+def test_git_sha_is_dirty_for_code_changes_only(tmp_path):
+    """A repro rewrites dvc.lock, params.yaml and git-tracked metrics as it runs; only a change to the code marks the
+    recorded commit "-dirty"."""
+    from pathsynth.runtime import git_sha
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "lib").mkdir(), (tmp_path / "metrics").mkdir()
+    for f in ("lib/code.py", "params.yaml", "dvc.lock", "metrics/m.json"):
+        (tmp_path / f).write_text("0\n")
+    git("init", "-q"), git("add", "."), git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    clean = git_sha(tmp_path)
+    assert clean and not clean.endswith("-dirty") and clean != "unknown"
+    for f in ("params.yaml", "dvc.lock", "metrics/m.json"):
+        (tmp_path / f).write_text("1\n")
+    assert git_sha(tmp_path) == clean
+    (tmp_path / "lib/code.py").write_text("1\n")
+    assert git_sha(tmp_path) == clean + "-dirty"

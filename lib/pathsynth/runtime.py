@@ -174,12 +174,18 @@ def compute_record(device: str) -> dict:
 
 
 # ------------------------------------------------------------------------------ header
+# What decides a run's numbers. A repro rewrites dvc.lock, params.yaml (a profile) and the git-tracked metrics and
+# plots as it goes: those do not make the code "dirty".
+CODE_PATHS = ("lib", "notebooks", "dvc.yaml", "profiles", "pyproject.toml", "requirements.txt")
+
+
 def git_sha(root: Path) -> str:
+    """The commit the code came from, with "-dirty" when the code (CODE_PATHS) differs from it."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                              text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
+                               cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
         return (sha or "unknown") + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
