@@ -30,6 +30,11 @@ use it, the baseline modes keep the stage's baseline model, and the classifier i
 (``vae.disc_weight=0.5``) retrain the VAE first (shared with ``vae_levers.py``), and the classifier on its latents. Rows name the
 UNet in the ``unet`` column ("stage": the stage's own models).
 
+``--seed S`` repeats settings under another seed: the requests and per-image seeds, the fd reference's bootstrap,
+the pixel reader's real draw, the CNN, and any retrained model are drawn anew (the stage's models stay what they
+are). One seed's CIs resample test images only, not the training and sampling that made the images: repeat a
+setting over seeds before a recipe rests on its gain. Rows carry their seed in the ``seed`` column.
+
 Each finished setting is appended to the CSV (``--out``), and images and UNets are kept under
 ``checkpoints/benchmarks/generator_levers/``: a killed sweep resumes where it stopped.
 """
@@ -93,12 +98,12 @@ def overridden(lp, pairs: list[str], option: str = "--unet"):
 VAE_WORK = Path("checkpoints") / "benchmarks" / "vae_levers"  # VAEs retrained by either benchmark, shared
 
 
-def retrained_vae(root: Path, P, vae_cfg, device: str) -> Path:
+def retrained_vae(root: Path, P, vae_cfg, device: str, suffix: str = "") -> Path:
     """The VAE with settings ``vae_cfg`` (trained resumably under checkpoints/benchmarks/vae_levers/, where
     vae_levers.py trains it too; saved once), or the stage's own where the settings are the profile's."""
     if vae_cfg == P.ldm_finetune.vae:
         return root / "models" / "ldm_finetune" / "vae"
-    tag = T.params_hash({"vae": vae_cfg.model_dump(mode="json")})
+    tag = T.params_hash({"vae": vae_cfg.model_dump(mode="json")}) + suffix
     folder = root / VAE_WORK / f"vae-{tag}"
     if not (folder / "config.json").is_file():
         train = read_imageset(root / "data" / "data_prep" / "train.h5")
@@ -111,19 +116,19 @@ def retrained_vae(root: Path, P, vae_cfg, device: str) -> Path:
     return folder
 
 
-def retrained_mep(root: Path, P, lp, work: Path, device: str) -> Path:
+def retrained_mep(root: Path, P, lp, work: Path, device: str, suffix: str = "") -> Path:
     """Train the mep UNet with settings ``lp`` (resumable) and return a model folder laid out like
     models/ldm_finetune (mep retrained; baseline and, unless the VAE changed, the classifier linked to the
     stage's). With ``vae.*`` settings changed the VAE is retrained first, and the prototype classifier with it
     (it reads that VAE's latents)."""
     if lp.regime != "scratch":
         raise SystemExit("--unet retrains the scratch regime's UNet; this profile fine-tunes a pretrained one")
-    tag = T.params_hash({"ldm": lp.model_dump(mode="json")})
+    tag = T.params_hash({"ldm": lp.model_dump(mode="json")}) + suffix  # suffix: "-seed<S>" under --seed
     folder = work / f"models-{tag}"
     if (folder / "mep" / "training_prompts.json").is_file():
         return folder
     stage = root / "models" / "ldm_finetune"
-    vae_dir = retrained_vae(root, P, lp.vae, device)
+    vae_dir = retrained_vae(root, P, lp.vae, device, suffix)
     vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True)
     train = read_imageset(root / "data" / "data_prep" / "train.h5")
     table = pd.read_csv(root / "data" / "prototypes" / "prompts_train.csv")
@@ -165,11 +170,14 @@ def main() -> int:
     ap.add_argument("--cfg-baseline", type=float, nargs="*", default=[1.0, 3.0, 8.0], help="cfg_baseline's CFG scales")
     ap.add_argument("--classifier-scale", type=float, nargs="*", default=[3.0, 10.0, 30.0])
     ap.add_argument("--unet", nargs="*", default=[], metavar="KEY=VALUE", help="retrain the mep UNet with these ldm_finetune settings")
+    ap.add_argument("--seed", type=int, default=None, help="repeat under this seed (default: the params' seed)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=None, help="CSV (default: <root>/checkpoints/benchmarks/generator_levers.csv)")
     a = ap.parse_args()
     root = (a.root or config.project_root()).resolve()
     P = config.load(root / "params.yaml")
+    suffix = "" if a.seed in (None, P.seed) else f"-seed{a.seed}"  # names of images and models made under --seed
+    P = P.model_copy(update={"seed": P.seed if a.seed is None else a.seed})
     GP, SUP = P.guided_sampling, P.linear_probe.supervised
     work = root / "checkpoints" / "benchmarks" / "generator_levers"
     out = a.out or work.with_suffix(".csv")
@@ -181,7 +189,7 @@ def main() -> int:
         if done.empty:
             return None
         hit = np.flatnonzero((done["mode"] == mode) & (done.cfg_scale == w) & (done.classifier_scale == s)
-                             & (done.n == a.n) & (done.unet == unet_name))
+                             & (done.n == a.n) & (done.unet == unet_name) & (done.seed == P.seed))
         return int(hit[0]) if len(hit) else None
 
     todo = [s for s in settings(a) if row_of(*s) is None]
@@ -189,11 +197,11 @@ def main() -> int:
     no_c2st = [s for s in settings(a) if row_of(*s) is not None
                and ("c2st" not in done or pd.isna(done.loc[row_of(*s), "c2st"]))]
     print(f"{root}: profile {P.profile}, {GP.sampler} {GP.steps} steps, JPEG {GP.jpeg_quality}; N = {a.n} per setting; "
-          f"UNet: {unet_name}; {len(todo)} of {len(settings(a))} settings to run"
+          f"UNet: {unet_name}; seed {P.seed}; {len(todo)} of {len(settings(a))} settings to run"
           + (f", {len(no_c2st)} to complete with the pixel C2ST" if no_c2st else ""))
 
     # everything the settings need, loaded (and checked) before any sampling
-    model_root = retrained_mep(root, P, lp, work, a.device) if a.unet else root / "models" / "ldm_finetune"
+    model_root = retrained_mep(root, P, lp, work, a.device, suffix) if a.unet else root / "models" / "ldm_finetune"
     models_ = S.load_models(model_root, {"mep", "baseline"}, a.device)
     table = pd.read_csv(root / "data" / "prototypes" / "prompts_train.csv")
     req = S.allocate(table[table.in_balanced_subset], a.n, GP.allocation, GP.balance_labels, P.seed)
@@ -225,7 +233,7 @@ def main() -> int:
         gp = GP.model_copy(update={"cfg_scale": w, "classifier_scale": s})
         uses_mep = S.MODE_SPEC[mode][0] == "mep"
         tag = "" if unet == "stage" or not uses_mep else T.params_hash({"unet": unet}) + "-"
-        folder = work / f"{tag}n{a.n}-cfg{w:g}-cls{s:g}"
+        folder = work / f"{tag}n{a.n}-cfg{w:g}-cls{s:g}{suffix}"
         S.generate_mode(mode, req, models_, gp, folder, a.device)
         return S.merge_mode(mode, a.n, gp.shard_size, folder, folder / f"{mode}.h5", keys=S.shard_keys(mode, req, gp, models_)).x
 

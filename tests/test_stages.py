@@ -297,6 +297,13 @@ def test_study_through_dvc_and_papermill(dvc_study):
     assert "1 to complete with the pixel C2ST" in run(bench, s.root)
     again = pd.read_csv(s.root / "checkpoints" / "benchmarks" / "generator_levers.csv")
     assert again.c2st.iloc[0] == lev.c2st.iloc[0] and again.c2st.iloc[1:].isna().all()
+    # --seed repeats a setting under another seed: other requests and images in a row of their own, resumable
+    assert "seed 7; 1 of 1 settings to run" in run(bench + ["--seed", "7"], s.root)
+    assert "0 of 1 settings to run" in run(bench + ["--seed", "7"], s.root)
+    seeded = pd.read_csv(s.root / "checkpoints" / "benchmarks" / "generator_levers.csv")
+    assert list(seeded.seed) == [*again.seed, 7] and again.seed.iloc[0] != 7 and list(seeded.unet)[-1] == "stage"
+    assert seeded.fd_dino.iloc[-1] != seeded.fd_dino.iloc[0]
+    assert len(list((s.root / "checkpoints" / "benchmarks" / "generator_levers").glob("n8-cfg3-cls0-seed7"))) == 1
     # the VAE lever: benchmarks/vae_levers.py (the ceiling: reconstructions against real patches) with Stable
     # Diffusion's whole autoencoder loss, then generator_levers.py on that VAE, which reuses it and retrains the
     # prototype classifier on its latents
