@@ -17,8 +17,10 @@ measures them with:
   trained apart from the generator), Wilson 95% CI; empty where that backbone does not exist;
 - ``fd_dino``: Fréchet distance in the prototypes stage's DINO space against fid_umap_coverage's real reference (the same
   seeded ``n_reference`` train images), bootstrap 95% CI; it is not an Inception FID;
-- ``auroc``: the synthetic-only experiment, linear_probe's own ``cnn.supervised_run`` (its recipe, seed and cache) on
-  the N synthetic images with their requested labels, judged on the real test split, stratified bootstrap 95% CI;
+- ``auroc``: the synthetic-only experiment, linear_probe's own ``cnn.supervised_seeds`` (its recipe, seeds and cache)
+  on the N synthetic images with their requested labels, judged on the real test split: the mean score of
+  ``cnn_seeds`` CNNs (the profile's ``n_seeds``, or ``--cnn-seeds``), stratified bootstrap 95% CI, and each seed's
+  AUROC alone from ``auroc_seed_min`` to ``auroc_seed_max`` (rows from before the seeds were repeated: one CNN);
 - ``c2st``: fid_umap_coverage's pixel machine reader (``readers.c2st_cnn``, its epochs, held-out share and bootstrap)
   on N seeded real valid patches against the N images, AUROC with a bootstrap 95% CI (0.5: indistinguishable).
   Rows written before this column existed get it from their kept images on the next call that names them.
@@ -171,6 +173,8 @@ def main() -> int:
     ap.add_argument("--classifier-scale", type=float, nargs="*", default=[3.0, 10.0, 30.0])
     ap.add_argument("--unet", nargs="*", default=[], metavar="KEY=VALUE", help="retrain the mep UNet with these ldm_finetune settings")
     ap.add_argument("--seed", type=int, default=None, help="repeat under this seed (default: the params' seed)")
+    ap.add_argument("--cnn-seeds", type=int, default=None, help="CNNs per set for auroc (default: the profile's "
+                    "linear_probe.supervised.n_seeds)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=None, help="CSV (default: <root>/checkpoints/benchmarks/generator_levers.csv)")
     a = ap.parse_args()
@@ -179,6 +183,10 @@ def main() -> int:
     suffix = "" if a.seed in (None, P.seed) else f"-seed{a.seed}"  # names of images and models made under --seed
     P = P.model_copy(update={"seed": P.seed if a.seed is None else a.seed})
     GP, SUP = P.guided_sampling, P.linear_probe.supervised
+    if a.cnn_seeds is not None:
+        SUP = SUP.model_copy(update={"n_seeds": a.cnn_seeds})
+    if SUP.n_seeds < 1:
+        raise SystemExit(f"--cnn-seeds {SUP.n_seeds}: at least 1")
     work = root / "checkpoints" / "benchmarks" / "generator_levers"
     out = a.out or work.with_suffix(".csv")
     unet_name = " ".join(a.unet) or "stage"
@@ -189,7 +197,8 @@ def main() -> int:
         if done.empty:
             return None
         hit = np.flatnonzero((done["mode"] == mode) & (done.cfg_scale == w) & (done.classifier_scale == s)
-                             & (done.n == a.n) & (done.unet == unet_name) & (done.seed == P.seed))
+                             & (done.n == a.n) & (done.unet == unet_name) & (done.seed == P.seed)
+                             & (done.get("cnn_seeds", pd.Series(1, index=done.index)).fillna(1) == SUP.n_seeds))
         return int(hit[0]) if len(hit) else None
 
     todo = [s for s in settings(a) if row_of(*s) is None]
@@ -197,7 +206,7 @@ def main() -> int:
     no_c2st = [s for s in settings(a) if row_of(*s) is not None
                and ("c2st" not in done or pd.isna(done.loc[row_of(*s), "c2st"]))]
     print(f"{root}: profile {P.profile}, {GP.sampler} {GP.steps} steps, JPEG {GP.jpeg_quality}; N = {a.n} per setting; "
-          f"UNet: {unet_name}; seed {P.seed}; {len(todo)} of {len(settings(a))} settings to run"
+          f"UNet: {unet_name}; seed {P.seed}; {SUP.n_seeds} CNN seeds; {len(todo)} of {len(settings(a))} settings to run"
           + (f", {len(no_c2st)} to complete with the pixel C2ST" if no_c2st else ""))
 
     # everything the settings need, loaded (and checked) before any sampling
@@ -268,17 +277,19 @@ def main() -> int:
         r = fd(ref, f, n_bootstrap=Q.n_bootstrap, seed=derive_seed(P.seed, "generator_levers", mode))
         row.update(fd_dino=r["value"], fd_dino_lo=r["ci95"][0], fd_dino_hi=r["ci95"][1])
         seed = derive_seed(P.seed, "supervised")
-        score = CNN.supervised_run(x, req.label, test_x, SUP, seed, work / "cnn", a.device)
-        m = C.metrics_with_ci(test.y, score, P.linear_probe.n_bootstrap, seed)
+        per_seed = CNN.supervised_seeds(x, req.label, test_x, SUP, seed, work / "cnn", a.device)
+        m = C.metrics_with_ci(test.y, per_seed.mean(0), P.linear_probe.n_bootstrap, seed)
+        spread = C.seed_spread(test.y, per_seed, CNN.seed_list(seed, SUP.n_seeds))
         row.update(auroc=m["auroc"]["value"], auroc_lo=m["auroc"]["ci95"][0], auroc_hi=m["auroc"]["ci95"][1],
+                   auroc_seed_min=spread["min"], auroc_seed_max=spread["max"], cnn_seeds=SUP.n_seeds,
                    n_test=m["n"], seed=P.seed)
         done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
         save(done)
         print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
     cols = ["hit_indep", "hit_indep_lo", "hit_indep_hi"]
     order = ["unet", "mode", "cfg_scale", "classifier_scale", "n", "hit_own", "hit_own_lo", "hit_own_hi", *cols,
-             "fd_dino", "fd_dino_lo", "fd_dino_hi", "auroc", "auroc_lo", "auroc_hi", "c2st", "c2st_lo", "c2st_hi",
-             "n_test", "sampling_s", "seed"]
+             "fd_dino", "fd_dino_lo", "fd_dino_hi", "auroc", "auroc_lo", "auroc_hi", "auroc_seed_min", "auroc_seed_max",
+             "cnn_seeds", "c2st", "c2st_lo", "c2st_hi", "n_test", "sampling_s", "seed"]
     print(f"\n{out} (chance hit rate {S.chance_hit_rate(req.prototype, table.prototype.to_numpy()):.3f}):\n"
           + done[done.n == a.n].reindex(columns=[c for c in order if c in done]).round(3).to_markdown(index=False))
     return 0

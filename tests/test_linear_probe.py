@@ -211,6 +211,28 @@ def test_supervised_classifier_learns_on_phantom_data_and_keeps_finished_runs(tm
     monkeypatch.setattr(CNN, "train_cnn", lambda *a, **k: pytest.fail("retrained a finished run"))
     np.testing.assert_array_equal(CNN.supervised_run(train.x, train.y, tx, cfg, 0, tmp_path), p)
     assert len(list(tmp_path.glob("*.npy"))) == 1
+    # several seeds: the first is the one-seed run (read back from the cache: n_seeds is not part of its key)
+    monkeypatch.undo()
+    cfg3 = cfg.model_copy(update={"n_seeds": 3})
+    per_seed = CNN.supervised_seeds(train.x, train.y, tx, cfg3, 0, tmp_path)
+    assert per_seed.shape == (3, len(test)) and len(list(tmp_path.glob("*.npy"))) == 3
+    np.testing.assert_array_equal(per_seed[0], p)
+    assert not np.allclose(per_seed[1], per_seed[2])  # seeded apart, not the same run three times
+    assert len(set(CNN.seed_list(0, 3))) == 3 and CNN.seed_list(7, 1) == [7]
+
+
+def test_seed_spread_matches_sklearn_per_seed():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    per_seed = y + rng.normal(0, [[0.5], [1.0], [2.0]], (3, 200))
+    r = C.seed_spread(y, per_seed, [1, 2, 3])
+    ref = [skm.roc_auc_score(y, p) for p in per_seed]
+    np.testing.assert_allclose(r["auroc"], ref, atol=1e-6)
+    assert r["n_seeds"] == 3 and r["seeds"] == [1, 2, 3] and r["min"] == pytest.approx(min(ref))
+    assert r["sd"] == pytest.approx(np.std(ref, ddof=1)) and r["mean"] == pytest.approx(np.mean(ref))
+    assert C.seed_spread(y, per_seed[:1], [1])["sd"] is None
+    with pytest.raises(MetricError, match="10 scores for 200 labels"):
+        C.seed_spread(y, per_seed[:, :10], [1, 2, 3])
 
 
 # ------------------------------------------------------------------------------------ slide level

@@ -87,7 +87,7 @@ SMALL_ALL = {**SMALL_LDM,
              "fid_umap_coverage": {"n_bootstrap": 20, "kid_subsets": 5, "kid_subset_size": 6, "c2st_cnn_epochs": 2,
                                    "umap_max_points": 60, "n_closest_pairs": 4},
              "linear_probe": {"n_bootstrap": 50, "n_seeds": 2, "c_grid": [0.1, 1.0],
-                              "supervised": {"steps": 10, "batch_size": 8, "real_sizes": [4, 16]}},
+                              "supervised": {"steps": 10, "batch_size": 8, "real_sizes": [4, 16], "n_seeds": 2}},
              "reader_stats": {"n_per_set": 4, "n_bootstrap": 50, "n_extreme": 3}}
 
 
@@ -225,6 +225,10 @@ def test_study_through_dvc_and_papermill(dvc_study):
     n_syn = lm["supervised"]["n_synthetic"]
     assert n_syn == 8 and {f"synthetic:{m_}" for m_ in modes} | {"real:4", "real:16", "real:8", "real+cfg_mep:16"} <= set(runs)
     assert runs["real+cfg_mep:16"]["n_real"] == 16 and runs["real+cfg_mep:16"]["n_synthetic"] == 8
+    # two CNN seeds per training set: each seed's AUROC kept, the score their mean
+    assert all(r["seeds"]["n_seeds"] == 2 and len(set(r["seeds"]["seeds"])) == 2
+               and r["seeds"]["min"] <= r["seeds"]["mean"] <= r["seeds"]["max"] for r in runs.values())
+    assert lm["supervised"]["recipe"]["seeds"] == runs["synthetic:cfg_mep"]["seeds"]["seeds"]
     assert lm["slide_level"] == {"computed": False, "reason": "not computed: no slide ids (the data carry no meta/wsi)"}
     scores = pd.read_csv(s.root / "data" / "linear_probe" / "test_scores.csv")
     assert len(scores) == n_test and "linear:real" in scores and "cnn:synthetic:cfg_mep" in scores
@@ -298,12 +302,17 @@ def test_study_through_dvc_and_papermill(dvc_study):
     again = pd.read_csv(s.root / "checkpoints" / "benchmarks" / "generator_levers.csv")
     assert again.c2st.iloc[0] == lev.c2st.iloc[0] and again.c2st.iloc[1:].isna().all()
     # --seed repeats a setting under another seed: other requests and images in a row of their own, resumable
-    assert "seed 7; 1 of 1 settings to run" in run(bench + ["--seed", "7"], s.root)
+    assert "seed 7; 2 CNN seeds; 1 of 1 settings to run" in run(bench + ["--seed", "7"], s.root)
     assert "0 of 1 settings to run" in run(bench + ["--seed", "7"], s.root)
     seeded = pd.read_csv(s.root / "checkpoints" / "benchmarks" / "generator_levers.csv")
     assert list(seeded.seed) == [*again.seed, 7] and again.seed.iloc[0] != 7 and list(seeded.unet)[-1] == "stage"
     assert seeded.fd_dino.iloc[-1] != seeded.fd_dino.iloc[0]
     assert len(list((s.root / "checkpoints" / "benchmarks" / "generator_levers").glob("n8-cfg3-cls0-seed7"))) == 1
+    # --cnn-seeds: the same images judged by another number of CNNs is a row of its own; the first seed is shared
+    assert "3 CNN seeds; 1 of 1 settings to run" in run(bench + ["--cnn-seeds", "3"], s.root)
+    cs = pd.read_csv(s.root / "checkpoints" / "benchmarks" / "generator_levers.csv")
+    assert list(cs.cnn_seeds.iloc[-2:]) == [2, 3] and cs.fd_dino.iloc[-1] == cs.fd_dino.iloc[0]
+    assert (cs.auroc_seed_min.iloc[-2:] <= cs.auroc_seed_max.iloc[-2:]).all()
     # the VAE lever: benchmarks/vae_levers.py (the ceiling: reconstructions against real patches) with Stable
     # Diffusion's whole autoencoder loss, then generator_levers.py on that VAE, which reuses it and retrains the
     # prototype classifier on its latents

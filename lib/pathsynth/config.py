@@ -356,6 +356,7 @@ class Supervised(Strict):
     steps: int = Field(ge=1)  # the same budget for every training set
     batch_size: int = Field(ge=1)
     lr: float = Field(gt=0)
+    n_seeds: int = Field(ge=1)  # CNNs per training set (init, batch order, flips); the test score is their mean
     n_synthetic: Optional[int] = Field(ge=2)  # images per synthetic set (null: the smallest evaluation set)
     real_sizes: list[int]  # the real-only (and real + synthetic) ladder, besides the synthetic N and the whole split
     mixed_mode: Mode  # the synthetic set added to real data in the mixed runs

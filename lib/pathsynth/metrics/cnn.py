@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..runtime import derive_seed
+
 
 class SmallCNN(nn.Module):
     """Three conv blocks and a linear read-out (one logit): enough to see blur, colour and texture."""
@@ -111,7 +113,8 @@ def supervised_run(images: np.ndarray, labels: np.ndarray, test_images: torch.Te
     from ..training import params_hash
 
     key = params_hash({"images": data_fingerprint(images), "labels": data_fingerprint(np.asarray(labels)),
-                       "test": data_fingerprint(test_images.numpy()), "recipe": "cosine/1", "cfg": cfg.model_dump(mode="json"), "seed": seed})
+                       "test": data_fingerprint(test_images.numpy()), "recipe": "cosine/1",
+                       "cfg": cfg.model_dump(mode="json", exclude={"n_seeds"}), "seed": seed})
     path = Path(cache) / f"{key}.npy"
     if path.is_file():
         return np.load(path)
@@ -124,3 +127,18 @@ def supervised_run(images: np.ndarray, labels: np.ndarray, test_images: torch.Te
     np.save(tmp, p)
     tmp.replace(path)
     return p
+
+
+def seed_list(seed: int, n: int) -> list[int]:
+    """The CNN seeds of one training set: ``seed`` itself, then seeds derived from it (so n = 1 is the one-seed run)."""
+    return [seed] + [derive_seed(seed, "cnn_seed", i) for i in range(1, n)]
+
+
+def supervised_seeds(images: np.ndarray, labels: np.ndarray, test_images: torch.Tensor, cfg, seed: int, cache: Path,
+                     device: str = "cpu", progress=None) -> np.ndarray:
+    """``cfg.n_seeds`` runs of ``supervised_run`` on the same images, seeded apart (initialisation, batch order,
+    flips and turns): P(cancer) as [n_seeds, n_test]. Their mean is the study's score; the spread of the per-seed
+    AUROCs is the part of a run's variance that a test-image bootstrap cannot see."""
+    return np.stack([supervised_run(images, labels, test_images, cfg, s, cache, device, progress)
+                     for s in seed_list(seed, cfg.n_seeds)])
+
