@@ -22,22 +22,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from _unet_setup import unet_and_latents
 from pathsynth import config
 from pathsynth.diffusion import models, train as T
-from pathsynth.prototypes.prompts import mep_prompt
 from pathsynth.training import peak_flops, step_flops, train_loop
 
 
-def setup(lp, n=4096, seed=0, device="cuda"):
-    prompts = [mep_prompt(i % 2, i % 33) for i in range(n)]
-    tok = models.build_tokenizer(sorted(set(prompts)) + [""], lp.text_encoder.max_length)
-    torch.manual_seed(seed)
-    te = models.build_text_encoder(lp.text_encoder, tok)
-    unet = models.build_unet(lp.unet, 24, 4, te.config.hidden_size)
-    g = torch.Generator().manual_seed(seed)
-    data = {"mean": torch.randn(n, 4, 24, 24, generator=g), "std": torch.full((n, 4, 24, 24), 0.1),
-            "ids": models.tokenize(tok, prompts)}
-    return tok, te, unet, data
+def setup(lp):
+    return unet_and_latents(lp, 24, 4096, 33)  # the gpu profile's 24x24x4 latents (96 px), K = 33
 
 
 def bare(lp, batch, compile_, channels_last, steps, device="cuda"):

@@ -21,23 +21,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from _unet_setup import unet_and_latents
 from pathsynth.config import defaults, section
 from pathsynth.diffusion import models, train as T
-from pathsynth.prototypes.prompts import mep_prompt
 from pathsynth.training import train_loop
 
 
-def setup(n=256, seed=0):
+def setup():
     lp = defaults().ldm_finetune  # profiles/defaults.yaml, as the tiny profile
-    prompts = [mep_prompt(i % 2, i % 8) for i in range(n)]
-    tok = models.build_tokenizer(sorted(set(prompts)) + [""], lp.text_encoder.max_length)
-    torch.manual_seed(seed)
-    te = models.build_text_encoder(lp.text_encoder, tok)
-    unet = models.build_unet(lp.unet, 8, 4, te.config.hidden_size)
-    g = torch.Generator().manual_seed(seed)
-    data = {"mean": torch.randn(n, 4, 8, 8, generator=g), "std": torch.full((n, 4, 8, 8), 0.1),
-            "ids": models.tokenize(tok, prompts)}
-    return lp, tok, te, unet, data
+    return (lp, *unet_and_latents(lp, 8, 256, 8))  # 8x8x4 latents (32 px)
 
 
 def bare(steps, batch, device):
