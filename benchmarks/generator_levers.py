@@ -19,8 +19,10 @@ measures them with:
   seeded ``n_reference`` train images), bootstrap 95% CI; it is not an Inception FID;
 - ``auroc``: the synthetic-only experiment, linear_probe's own ``cnn.supervised_seeds`` (its recipe, seeds and cache)
   on the N synthetic images with their requested labels, judged on the real test split: the mean score of
-  ``cnn_seeds`` CNNs (the profile's ``n_seeds``, or ``--cnn-seeds``), stratified bootstrap 95% CI, and each seed's
-  AUROC alone from ``auroc_seed_min`` to ``auroc_seed_max`` (rows from before the seeds were repeated: one CNN);
+  ``cnn_seeds`` CNNs (the profile's ``n_seeds``, or ``--cnn-seeds``) all trained on these same N images (the stage
+  gives each CNN its own draw; here the draw is the setting's, repeated with ``--seed``), stratified bootstrap 95%
+  CI, and each seed's AUROC alone from ``auroc_seed_min`` to ``auroc_seed_max`` (rows from before the seeds were
+  repeated: one CNN);
 - ``c2st``: fid_umap_coverage's pixel machine reader (``readers.c2st_cnn``, its epochs, held-out share and bootstrap)
   on N seeded real valid patches against the N images, AUROC with a bootstrap 95% CI (0.5: indistinguishable).
   Rows written before this column existed get it from their kept images on the next call that names them.
@@ -277,9 +279,10 @@ def main() -> int:
         r = fd(ref, f, n_bootstrap=Q.n_bootstrap, seed=derive_seed(P.seed, "generator_levers", mode))
         row.update(fd_dino=r["value"], fd_dino_lo=r["ci95"][0], fd_dino_hi=r["ci95"][1])
         seed = derive_seed(P.seed, "supervised")
-        per_seed = CNN.supervised_seeds(x, req.label, test_x, SUP, seed, work / "cnn", a.device)
+        # every CNN seed on the same N images: the CNN's part of the spread alone (the stage gives each its own draw)
+        per_seed = CNN.supervised_seeds([(x, req.label)] * SUP.n_seeds, test_x, SUP, seed, work / "cnn", a.device)
         m = C.metrics_with_ci(test.y, per_seed.mean(0), P.linear_probe.n_bootstrap, seed)
-        spread = C.seed_spread(test.y, per_seed, CNN.seed_list(seed, SUP.n_seeds))
+        spread = C.run_spread(test.y, per_seed)
         row.update(auroc=m["auroc"]["value"], auroc_lo=m["auroc"]["ci95"][0], auroc_hi=m["auroc"]["ci95"][1],
                    auroc_seed_min=spread["min"], auroc_seed_max=spread["max"], cnn_seeds=SUP.n_seeds,
                    n_test=m["n"], seed=P.seed)

@@ -195,6 +195,35 @@ def test_nested_balanced_subsets():
         CNN.nested_balanced_subset(y, 7, 4)
 
 
+def test_balanced_draws_are_disjoint_where_the_set_holds_them_and_nested_in_n():
+    y = np.r_[np.zeros(40, int), np.ones(31, int)]  # class 1 holds 3 x 10 (and one left over)
+    draws = CNN.balanced_draws(y, 20, 3, seed=5)
+    assert len(draws) == 3 and CNN.disjoint(draws)
+    assert all(len(d) == 20 and y[d].sum() == 10 and np.all(np.diff(d) > 0) for d in draws)
+    # the first draw is the one-draw subset of the same seed; a larger N adds images to every draw
+    np.testing.assert_array_equal(draws[0], CNN.nested_balanced_subset(y, 20, 5))
+    bigger = CNN.balanced_draws(y, 40, 3, seed=5)
+    assert all(set(a) <= set(b) for a, b in zip(draws, bigger)) and not CNN.disjoint(bigger)
+    # the whole of the smaller class: every draw holds all of it
+    whole = CNN.balanced_draws(y, 62, 3, seed=5)
+    assert all(set(np.flatnonzero(y == 1)) <= set(d) for d in whole)
+    assert not CNN.disjoint(CNN.balanced_draws(y, 22, 3, seed=5))  # 3 x 11 of class 1 do not fit in 31
+    with pytest.raises(ValueError, match="at least one draw"):
+        CNN.balanced_draws(y, 20, 0, seed=5)
+
+
+def test_draw_size_fits_the_draws_or_names_the_short_set():
+    y = np.r_[np.zeros(200, int), np.ones(200, int)]
+    assert CNN.draw_size({"a": y, "b": y[:-10]}, None, 3) == 126  # b: 190 of class 1 -> 3 x 63
+    assert CNN.draw_size({"a": y}, 128, 3) == 128
+    with pytest.raises(ValueError, match=r"3 disjoint draws \(n_seeds\) of 128 images .* need 384 .* these hold fewer: \{'b': 380\}"):
+        CNN.draw_size({"a": y, "b": y[:-10]}, 128, 3)
+    with pytest.raises(ValueError, match="of 0 images"):
+        CNN.draw_size({"a": y[:4]}, None, 3)
+    with pytest.raises(ValueError, match="of 7 images"):
+        CNN.draw_size({"a": y}, 7, 1)
+
+
 def test_supervised_classifier_learns_on_phantom_data_and_keeps_finished_runs(tmp_path, monkeypatch):
     from pathsynth import config
     from pathsynth.data import phantom
@@ -211,28 +240,34 @@ def test_supervised_classifier_learns_on_phantom_data_and_keeps_finished_runs(tm
     monkeypatch.setattr(CNN, "train_cnn", lambda *a, **k: pytest.fail("retrained a finished run"))
     np.testing.assert_array_equal(CNN.supervised_run(train.x, train.y, tx, cfg, 0, tmp_path), p)
     assert len(list(tmp_path.glob("*.npy"))) == 1
-    # several seeds: the first is the one-seed run (read back from the cache: n_seeds is not part of its key)
+    # several draws, one CNN seed each: the first is the one-seed run (read back from the cache: n_seeds is not part
+    # of its key); the same images under other seeds give other scores, and other images others again
     monkeypatch.undo()
     cfg3 = cfg.model_copy(update={"n_seeds": 3})
-    per_seed = CNN.supervised_seeds(train.x, train.y, tx, cfg3, 0, tmp_path)
-    assert per_seed.shape == (3, len(test)) and len(list(tmp_path.glob("*.npy"))) == 3
-    np.testing.assert_array_equal(per_seed[0], p)
-    assert not np.allclose(per_seed[1], per_seed[2])  # seeded apart, not the same run three times
+    same = CNN.supervised_seeds([(train.x, train.y)] * 3, tx, cfg3, 0, tmp_path)
+    assert same.shape == (3, len(test)) and len(list(tmp_path.glob("*.npy"))) == 3
+    np.testing.assert_array_equal(same[0], p)
+    assert not np.allclose(same[1], same[2])  # seeded apart, not the same run three times
+    d = CNN.balanced_draws(train.y, 50, 3, seed=0)
+    drawn = CNN.supervised_seeds([(train.x[i], train.y[i]) for i in d], tx, cfg3, 0, tmp_path)
+    assert len(list(tmp_path.glob("*.npy"))) == 6 and not np.allclose(drawn[1], same[1])
     assert len(set(CNN.seed_list(0, 3))) == 3 and CNN.seed_list(7, 1) == [7]
+    with pytest.raises(ValueError, match="2 training draws for linear_probe.supervised.n_seeds 3"):
+        CNN.supervised_seeds([(train.x, train.y)] * 2, tx, cfg3, 0, tmp_path)
 
 
-def test_seed_spread_matches_sklearn_per_seed():
+def test_run_spread_matches_sklearn_per_run():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 200)
-    per_seed = y + rng.normal(0, [[0.5], [1.0], [2.0]], (3, 200))
-    r = C.seed_spread(y, per_seed, [1, 2, 3])
-    ref = [skm.roc_auc_score(y, p) for p in per_seed]
+    per_run = y + rng.normal(0, [[0.5], [1.0], [2.0]], (3, 200))
+    r = C.run_spread(y, per_run)
+    ref = [skm.roc_auc_score(y, p) for p in per_run]
     np.testing.assert_allclose(r["auroc"], ref, atol=1e-6)
-    assert r["n_seeds"] == 3 and r["seeds"] == [1, 2, 3] and r["min"] == pytest.approx(min(ref))
+    assert r["n"] == 3 and r["min"] == pytest.approx(min(ref)) and r["max"] == pytest.approx(max(ref))
     assert r["sd"] == pytest.approx(np.std(ref, ddof=1)) and r["mean"] == pytest.approx(np.mean(ref))
-    assert C.seed_spread(y, per_seed[:1], [1])["sd"] is None
+    assert C.run_spread(y, per_run[:1])["sd"] is None
     with pytest.raises(MetricError, match="10 scores for 200 labels"):
-        C.seed_spread(y, per_seed[:, :10], [1, 2, 3])
+        C.run_spread(y, per_run[:, :10])
 
 
 # ------------------------------------------------------------------------------------ slide level

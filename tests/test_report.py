@@ -68,15 +68,16 @@ def test_synthetic_only_claim_against_0805(ci, reading):
         "runs": {"synthetic:cfg_mep": _run(np.mean(ci), ci), "synthetic:classifier": _run(0.9, [0.85, 0.95])}}})
     c = C.synthetic_only_claim(m, "test split (N = 10)")
     assert c.reading == reading and "best synthetic set classifier 0.900" in c.why and "N = 64 synthetic" in c.this_run
-    assert "CNN seed" not in c.this_run + c.space  # metrics from before the seeds were repeated read as one seed
+    assert "draw" not in c.this_run + c.space  # metrics from before the draws were repeated read as one draw
 
 
-def test_synthetic_only_claim_shows_the_cnn_seed_spread():
-    run = {**_run(0.7, [0.68, 0.72]), "seeds": {"n_seeds": 3, "min": 0.55, "max": 0.73}}
+def test_synthetic_only_claim_shows_the_spread_between_draws():
+    run = {**_run(0.7, [0.68, 0.72]), "draws": {"n": 3, "min": 0.55, "max": 0.73, "disjoint": True}}
     m = metrics(linear_probe={"supervised": {"recipe": {"architecture": "SmallCNN", "steps": 10, "image_size": 32},
                                              "runs": {"synthetic:cfg_mep": run}}})
     c = C.synthetic_only_claim(m, "test split (N = 10)")
-    assert "one CNN seed alone 0.550 to 0.730" in c.this_run and "mean score of 3 CNN seeds" in c.space
+    assert "N = 64 synthetic training images per draw, 3 draws" in c.this_run
+    assert "one draw of 64 alone 0.550 to 0.730" in c.this_run and "mean score of 3 CNNs, one per disjoint draw" in c.space
 
 
 def _pair(a, b, reading, auc_a=0.8, auc_b=0.8):

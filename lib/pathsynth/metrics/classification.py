@@ -68,15 +68,14 @@ def binary_metrics(y, score, threshold: float = 0.5) -> dict[str, float]:
     return out
 
 
-def seed_spread(y, per_seed, seeds: list[int]) -> dict:
-    """Runs of one model under several seeds, scored on the same images (``per_seed``: [n_seeds, N]): each seed's
-    AUROC, and their mean, sample SD and range (the training variance a test-image bootstrap does not see)."""
-    per_seed = np.asarray(per_seed, dtype=np.float64)
-    y = check_scores(y, *per_seed)
-    a = _auroc_rows(np.broadcast_to(y, per_seed.shape), per_seed)
-    return {"n_seeds": len(a), "seeds": [int(s) for s in seeds], "auroc": [round(float(v), 6) for v in a],
-            "mean": float(a.mean()), "sd": float(a.std(ddof=1)) if len(a) > 1 else None,
-            "min": float(a.min()), "max": float(a.max())}
+def run_spread(y, per_run) -> dict:
+    """Several runs of one experiment, scored on the same images (``per_run``: [n_runs, N]): each run's AUROC, and
+    their mean, sample SD and range (the variance between runs that a test-image bootstrap does not see)."""
+    per_run = np.asarray(per_run, dtype=np.float64)
+    y = check_scores(y, *per_run)
+    a = _auroc_rows(np.broadcast_to(y, per_run.shape), per_run)
+    return {"n": len(a), "auroc": [round(float(v), 6) for v in a], "mean": float(a.mean()),
+            "sd": float(a.std(ddof=1)) if len(a) > 1 else None, "min": float(a.min()), "max": float(a.max())}
 
 
 def stratified_resamples(y: np.ndarray, n_bootstrap: int, seed: int) -> np.ndarray:

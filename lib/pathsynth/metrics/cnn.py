@@ -88,20 +88,51 @@ def predict(net: SmallCNN, x: torch.Tensor, device: str = "cpu", batch_size: int
                       for s in range(0, len(x), batch_size)]).numpy()
 
 
-def nested_balanced_subset(y: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """n indices of ``y``, n/2 per class, sorted; for one seed the subsets of growing n are nested (each class is
-    read in one seeded order), so a data-efficiency curve adds images rather than redrawing them."""
+def balanced_draws(y: np.ndarray, n: int, k: int, seed: int) -> list[np.ndarray]:
+    """k draws of n indices of ``y``, n/2 per class, each sorted. Each class is read in one seeded order and cut into
+    k equal blocks; draw j is the first n/2 of block j (running on cyclically where n/2 exceeds a block). So the draws
+    are disjoint wherever the set holds k x n/2 images of each class (all k the whole set where n is all of it), and for
+    one seed the draws of growing n are nested (a data-efficiency curve adds images rather than redrawing them)."""
     y = np.asarray(y)
     if n % 2 or n < 2:
         raise ValueError(f"a balanced subset needs an even size of at least 2, got {n}")
+    if k < 1:
+        raise ValueError(f"at least one draw, got {k}")
     rng = np.random.default_rng(seed)
-    keep = []
+    draws = [[] for _ in range(k)]
     for c in (0, 1):
         members = np.flatnonzero(y == c)
         if len(members) < n // 2:
             raise ValueError(f"a balanced subset of {n} needs {n // 2} images of class {c}; there are {len(members)}")
-        keep.append(rng.permutation(members)[: n // 2])
-    return np.sort(np.concatenate(keep))
+        order, block = rng.permutation(members), len(members) // k
+        for j in range(k):
+            draws[j].append(order[(j * block + np.arange(n // 2)) % len(members)])
+    return [np.sort(np.concatenate(d)) for d in draws]
+
+
+def draw_size(sets: dict[str, np.ndarray], n: int | None, k: int) -> int:
+    """Images per draw when each of ``sets`` (name -> labels) gives k disjoint class-balanced draws: ``n``, or where
+    it is None the most that the smallest class of any set allows; a set that cannot hold k draws of n is an error
+    naming it."""
+    per_class = {name: min(int((np.asarray(y) == c).sum()) for c in (0, 1)) for name, y in sets.items()}
+    n = n or 2 * (min(per_class.values()) // k)
+    short = {name: 2 * c for name, c in per_class.items() if k * (n // 2) > c}
+    if short or n < 2 or n % 2:
+        raise ValueError(f"linear_probe.supervised: {k} disjoint draws (n_seeds) of {n} images (n_synthetic, even) "
+                         f"need {k * max(n, 2)} per synthetic set in balanced classes; "
+                         f"{'these hold fewer: ' + str(short) if short else 'the sets hold ' + str({m: 2 * c for m, c in per_class.items()})}: "
+                         "raise guided_sampling.n_per_mode or lower n_synthetic / n_seeds")
+    return n
+
+
+def nested_balanced_subset(y: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """n indices of ``y``, n/2 per class, sorted: the one draw of ``balanced_draws`` (nested in n for one seed)."""
+    return balanced_draws(y, n, 1, seed)[0]
+
+
+def disjoint(draws: list[np.ndarray]) -> bool:
+    """Whether no index is in two draws."""
+    return len(np.unique(np.concatenate(draws))) == sum(len(d) for d in draws)
 
 
 def supervised_run(images: np.ndarray, labels: np.ndarray, test_images: torch.Tensor, cfg, seed: int, cache: Path,
@@ -130,15 +161,18 @@ def supervised_run(images: np.ndarray, labels: np.ndarray, test_images: torch.Te
 
 
 def seed_list(seed: int, n: int) -> list[int]:
-    """The CNN seeds of one training set: ``seed`` itself, then seeds derived from it (so n = 1 is the one-seed run)."""
+    """The CNN seeds of one experiment: ``seed`` itself, then seeds derived from it (so n = 1 is the one-seed run)."""
     return [seed] + [derive_seed(seed, "cnn_seed", i) for i in range(1, n)]
 
 
-def supervised_seeds(images: np.ndarray, labels: np.ndarray, test_images: torch.Tensor, cfg, seed: int, cache: Path,
-                     device: str = "cpu", progress=None) -> np.ndarray:
-    """``cfg.n_seeds`` runs of ``supervised_run`` on the same images, seeded apart (initialisation, batch order,
-    flips and turns): P(cancer) as [n_seeds, n_test]. Their mean is the study's score; the spread of the per-seed
-    AUROCs is the part of a run's variance that a test-image bootstrap cannot see."""
-    return np.stack([supervised_run(images, labels, test_images, cfg, s, cache, device, progress)
-                     for s in seed_list(seed, cfg.n_seeds)])
-
+def supervised_seeds(draws: list[tuple[np.ndarray, np.ndarray]], test_images: torch.Tensor, cfg, seed: int,
+                     cache: Path, device: str = "cpu", progress=None) -> np.ndarray:
+    """One ``supervised_run`` per (images, labels) draw, the j-th with the j-th of ``seed_list(seed, cfg.n_seeds)``
+    (initialisation, batch order, flips and turns): P(cancer) as [n_seeds, n_test]. Their mean is the study's score;
+    the spread of the per-run AUROCs is the variance a test-image bootstrap cannot see: the CNN's training, and, where
+    the draws are different images, which images a set of that size happens to hold. Pass one draw ``n_seeds``
+    times to measure the CNN's part alone."""
+    if len(draws) != cfg.n_seeds:
+        raise ValueError(f"{len(draws)} training draws for linear_probe.supervised.n_seeds {cfg.n_seeds}: one each")
+    return np.stack([supervised_run(x, y, test_images, cfg, s, cache, device, progress)
+                     for (x, y), s in zip(draws, seed_list(seed, cfg.n_seeds))])

@@ -153,13 +153,14 @@ def synthetic_only_claim(m: Metrics, cohort: str) -> Claim:
         why = ("the paper's value lies inside the CI" if lo <= paper else "above the paper's value (CI above it)")
     best = max((k for k in runs if k.startswith("synthetic:")), key=lambda k: runs[k]["auroc"]["value"])
     why += f"; best synthetic set {best.split(':')[1]} {runs[best]['auroc']['value']:.3f} {ci(runs[best]['auroc']['ci95'])}"
-    seeds = r.get("seeds")  # metrics of runs before CNN seeds were repeated have none
-    spread = f"; one CNN seed alone {seeds['min']:.3f} to {seeds['max']:.3f}" if seeds and seeds["n_seeds"] > 1 else ""
-    n_cnn = seeds["n_seeds"] if seeds else 1
+    draws = r.get("draws")  # one CNN per disjoint draw of N images; metrics of earlier runs have none
+    n_draws = draws["n"] if draws else 1
+    spread = f"; one draw of {r['n_synthetic']} alone {draws['min']:.3f} to {draws['max']:.3f}" if n_draws > 1 else ""
     return Claim("Osorio et al.", "A classifier trained on synthetic data only reaches AUROC 0.805", f"{paper}",
-                 f"{auc:.3f} {ci(r['auroc']['ci95'])} (N = {r['n_synthetic']} synthetic training images; {cohort}{spread})",
+                 f"{auc:.3f} {ci(r['auroc']['ci95'])} (N = {r['n_synthetic']} synthetic training images"
+                 + (f" per draw, {n_draws} draws" if n_draws > 1 else "") + f"; {cohort}{spread})",
                  f"{sup['recipe']['architecture']} on the cfg_mep set, {sup['recipe']['steps']} steps at {sup['recipe']['image_size']} px"
-                 + (f", mean score of {n_cnn} CNN seeds" if n_cnn > 1 else ""),
+                 + (f", mean score of {n_draws} CNNs, one per disjoint draw" if n_draws > 1 else ""),
                  f"{r['ci']}; supported unless the CI lies below 0.805", reading, why, "linear_probe")
 
 
