@@ -1,5 +1,6 @@
 """The generator's levers (issue 14), swept on one trained run and judged by the study's own yardsticks:
-sampling-time levers (classifier-free guidance scale per prompt kind, the prototype classifier's scale) and,
+sampling-time levers (classifier-free guidance scale per prompt kind, the prototype classifier's scale, both
+together in cfg_mep_classifier with ``--combined CFG:SCALE``) and,
 with ``--unet KEY=VALUE``, training-time ones (a mep UNet retrained with ldm_finetune settings changed).
 
     .venv/bin/python benchmarks/generator_levers.py --n 256                       # in a project after `dvc repro dino_pretrain`
@@ -60,7 +61,7 @@ from pathsynth.data.dataset import read_imageset
 from pathsynth.data.features import read_features
 from pathsynth.diffusion import models, sampling as S, train as T
 from pathsynth.metrics import classification as C, cnn as CNN, readers as R
-from pathsynth.metrics.fidelity import fd
+from pathsynth.metrics.fidelity import fd, reference_draw
 from pathsynth.prototypes.cluster import assign, centroids_in
 from pathsynth.prototypes.features import SelfTrained, data_fingerprint, load_extractor
 from pathsynth.readerstudy.stats import wilson
@@ -75,7 +76,16 @@ def rate(hits: np.ndarray) -> list[float]:
 def settings(a) -> list[tuple[str, float, float]]:
     """(mode, cfg scale, classifier scale); a mode without CFG or without the classifier ignores that scale."""
     out = [("cfg_mep", w, 0.0) for w in a.cfg] + [("cfg_baseline", w, 0.0) for w in a.cfg_baseline]
-    return out + [("classifier", 1.0, s) for s in a.classifier_scale]
+    return out + [("classifier", 1.0, s) for s in a.classifier_scale] + [("cfg_mep_classifier", w, s) for w, s in a.combined]
+
+
+def scale_pair(text: str) -> tuple[float, float]:
+    """'CFG:SCALE' -> (cfg scale, classifier scale), for --combined."""
+    try:
+        w, s = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected CFG:SCALE, such as 3:3") from None
+    return w, s
 
 
 def overridden(lp, pairs: list[str], option: str = "--unet"):
@@ -173,6 +183,8 @@ def main() -> int:
     ap.add_argument("--cfg", type=float, nargs="*", default=[1.0, 2.0, 3.0, 5.0, 8.0], help="cfg_mep's CFG scales")
     ap.add_argument("--cfg-baseline", type=float, nargs="*", default=[1.0, 3.0, 8.0], help="cfg_baseline's CFG scales")
     ap.add_argument("--classifier-scale", type=float, nargs="*", default=[3.0, 10.0, 30.0])
+    ap.add_argument("--combined", type=scale_pair, nargs="*", default=[], metavar="CFG:SCALE",
+                    help="cfg_mep_classifier's (CFG scale, classifier scale) pairs, such as 3:3")
     ap.add_argument("--unet", nargs="*", default=[], metavar="KEY=VALUE", help="retrain the mep UNet with these ldm_finetune settings")
     ap.add_argument("--seed", type=int, default=None, help="repeat under this seed (default: the params' seed)")
     ap.add_argument("--cnn-seeds", type=int, default=None, help="CNNs per set for auroc (default: the profile's "
@@ -222,8 +234,7 @@ def main() -> int:
     centroids = np.load(root / "data" / "prototypes" / "centroids.npz")["centroids"]
     feats_train = np.load(root / "data" / "prototypes" / "features_train.npy")
     Q = P.fid_umap_coverage  # fid_umap_coverage's reference draw
-    ref = feats_train[np.sort(np.random.default_rng(derive_seed(P.seed, "fid_reference")).choice(
-        len(feats_train), min(Q.n_reference, len(feats_train)), replace=False))]
+    ref = feats_train[reference_draw(len(feats_train), Q.n_reference, P.seed)]  # fid_umap_coverage's
     test = read_imageset(root / "data" / "data_prep" / "test.h5")
     test_x = CNN.to_tensor(test.x, SUP.image_size)
     indep = None

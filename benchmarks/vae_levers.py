@@ -38,7 +38,7 @@ from pathsynth import config
 from pathsynth.data.dataset import read_imageset
 from pathsynth.diffusion import sampling as S, train as T
 from pathsynth.metrics import readers as R
-from pathsynth.metrics.fidelity import fd
+from pathsynth.metrics.fidelity import fd, reference_draw
 from pathsynth.prototypes.features import load_extractor
 from pathsynth.runtime import derive_seed
 
@@ -83,8 +83,7 @@ def main() -> int:
     source = test.x[np.sort(rng.choice(len(test), a.n, replace=False))]
     extractor = load_extractor(P, root)
     feats_train = np.load(root / "data" / "prototypes" / "features_train.npy")
-    ref = feats_train[np.sort(np.random.default_rng(derive_seed(P.seed, "fid_reference")).choice(
-        len(feats_train), min(Q.n_reference, len(feats_train)), replace=False))]
+    ref = feats_train[reference_draw(len(feats_train), Q.n_reference, P.seed)]  # fid_umap_coverage's
     seed = derive_seed(P.seed, "vae_levers", "c2st")
 
     def judge(label: str, images: np.ndarray, extra: dict) -> None:

@@ -138,3 +138,13 @@ def test_inception_fid_path_with_a_stand_in_weights_file(tmp_path):
         want = ref(torch.from_numpy(imgs).permute(0, 3, 1, 2)).double().numpy()
     assert f.shape == (3, 2048)
     np.testing.assert_allclose(f, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_reference_draw_is_the_one_every_committed_run_used():
+    from pathsynth.runtime import derive_seed
+
+    # the expression fid_umap_coverage used before it moved into fidelity.reference_draw (so the committed runs'
+    # Fréchet distances keep their reference)
+    old = np.sort(np.random.default_rng(derive_seed(7, "fid_reference")).choice(500, 120, replace=False))
+    np.testing.assert_array_equal(F.reference_draw(500, 120, 7), old)
+    np.testing.assert_array_equal(F.reference_draw(50, 120, 7), np.arange(50))  # fewer than asked: all of them

@@ -196,15 +196,18 @@ def test_shard_keys_depend_only_on_what_makes_the_mode_s_images(models_):
     assert S.shard_keys("cfg_mep", req, gp, other) == keys["cfg_mep"]
 
 
-def test_a_stale_shard_is_remade_and_never_merged(models_, tmp_path):
+def test_a_stale_shard_is_remade_and_never_merged(models_, tmp_path, monkeypatch):
     req = S.allocate(_table(), 4, "uniform", True, seed=2)
     gp = GuidedSampling(n_per_mode=4, steps=2, shard_size=2, batch_size=2, cfg_scale=2.0)
     S.generate_mode("cfg_mep", req, models_, gp, tmp_path)
     gp5 = gp.model_copy(update={"cfg_scale": 5.0})
     with pytest.raises(DataError, match="made with other models, settings or requests"):
         S.merge_mode("cfg_mep", 4, 2, tmp_path, tmp_path / "m.h5", keys=S.shard_keys("cfg_mep", req, gp5, models_))
+    reused = []
+    monkeypatch.setattr(S, "log_reused", lambda *a: reused.append(a))
     assert S.generate_mode("cfg_mep", req, models_, gp5, tmp_path)["images_made"] == 4  # remade, not reused
     assert S.generate_mode("cfg_mep", req, models_, gp5, tmp_path)["images_made"] == 0  # now reused
+    assert reused == [("cfg_mep", tmp_path / "cfg_mep", "2 of 2 shards")]  # and said so (the stage's time is partial)
     ds = S.merge_mode("cfg_mep", 4, 2, tmp_path, tmp_path / "m.h5", keys=S.shard_keys("cfg_mep", req, gp5, models_))
     assert (ds.meta["cfg_scale"] == 5.0).all()
 

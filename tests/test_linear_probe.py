@@ -185,14 +185,34 @@ def test_knn_probe_is_the_knn_vote():
 
 
 # ------------------------------------------------------------------------------------ supervised
-def test_nested_balanced_subsets():
+def PV_line(*args) -> str:
+    """The message runtime.log_reused logs for these arguments."""
+    import logging
+
+    from pathsynth import runtime
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    runtime.log.addHandler(handler)
+    level = runtime.log.level
+    runtime.log.setLevel(logging.INFO)
+    try:
+        runtime.log_reused(*args)
+    finally:
+        runtime.log.removeHandler(handler)
+        runtime.log.setLevel(level)
+    return records[0].getMessage()
+
+
+def test_one_balanced_draw_is_nested_in_n():
     y = np.r_[np.zeros(30, int), np.ones(20, int)]
-    small, big = CNN.nested_balanced_subset(y, 10, 4), CNN.nested_balanced_subset(y, 30, 4)
+    (small,), (big,) = CNN.balanced_draws(y, 10, 1, 4), CNN.balanced_draws(y, 30, 1, 4)
     assert set(small) <= set(big) and y[small].sum() == 5 and y[big].sum() == 15
     with pytest.raises(ValueError, match="needs 25 images of class 1; there are 20"):
-        CNN.nested_balanced_subset(y, 50, 4)
+        CNN.balanced_draws(y, 50, 1, 4)
     with pytest.raises(ValueError, match="even size"):
-        CNN.nested_balanced_subset(y, 7, 4)
+        CNN.balanced_draws(y, 7, 1, 4)
 
 
 def test_balanced_draws_are_disjoint_where_the_set_holds_them_and_nested_in_n():
@@ -200,8 +220,8 @@ def test_balanced_draws_are_disjoint_where_the_set_holds_them_and_nested_in_n():
     draws = CNN.balanced_draws(y, 20, 3, seed=5)
     assert len(draws) == 3 and CNN.disjoint(draws)
     assert all(len(d) == 20 and y[d].sum() == 10 and np.all(np.diff(d) > 0) for d in draws)
-    # the first draw is the one-draw subset of the same seed; a larger N adds images to every draw
-    np.testing.assert_array_equal(draws[0], CNN.nested_balanced_subset(y, 20, 5))
+    # the first of k draws is the one draw of the same seed; a larger N adds images to every draw
+    np.testing.assert_array_equal(draws[0], CNN.balanced_draws(y, 20, 1, 5)[0])
     bigger = CNN.balanced_draws(y, 40, 3, seed=5)
     assert all(set(a) <= set(b) for a, b in zip(draws, bigger)) and not CNN.disjoint(bigger)
     # the whole of the smaller class: every draw holds all of it
@@ -238,8 +258,14 @@ def test_supervised_classifier_learns_on_phantom_data_and_keeps_finished_runs(tm
     assert auc > 0.8, auc
     # a finished run is read back, not retrained
     monkeypatch.setattr(CNN, "train_cnn", lambda *a, **k: pytest.fail("retrained a finished run"))
+    lines = []
+    monkeypatch.setattr(CNN, "log_reused", lambda *a: lines.append(PV_line(*a)))
     np.testing.assert_array_equal(CNN.supervised_run(train.x, train.y, tx, cfg, 0, tmp_path), p)
     assert len(list(tmp_path.glob("*.npy"))) == 1
+    # and says so in the line the report's timing table reads as "resumed" (its time is not the whole stage's)
+    from pathsynth.report.provenance import RESUMED
+
+    assert len(lines) == 1 and RESUMED.search(lines[0]), lines
     # several draws, one CNN seed each: the first is the one-seed run (read back from the cache: n_seeds is not part
     # of its key); the same images under other seeds give other scores, and other images others again
     monkeypatch.undo()

@@ -57,7 +57,8 @@ def test_a_missing_metric_fails_loudly_naming_the_file_and_key():
 
 def _run(auc, ci):
     return {"auroc": {"value": auc, "ci95": ci}, "n_synthetic": 64, "n_real": 0,
-            "ci": "stratified percentile bootstrap, 1000 resamples, seed 1"}
+            "ci": "stratified percentile bootstrap, 1000 resamples, seed 1",
+            "draws": {"n": 1, "min": auc, "max": auc, "disjoint": True}}
 
 
 @pytest.mark.parametrize("ci, reading", [([0.75, 0.85], C.SUPPORTED), ([0.81, 0.9], C.SUPPORTED),
@@ -68,7 +69,10 @@ def test_synthetic_only_claim_against_0805(ci, reading):
         "runs": {"synthetic:cfg_mep": _run(np.mean(ci), ci), "synthetic:classifier": _run(0.9, [0.85, 0.95])}}})
     c = C.synthetic_only_claim(m, "test split (N = 10)")
     assert c.reading == reading and "best synthetic set classifier 0.900" in c.why and "N = 64 synthetic" in c.this_run
-    assert "draw" not in c.this_run + c.space  # metrics from before the draws were repeated read as one draw
+    assert "draw" not in c.this_run + c.space  # one draw (n_seeds 1): no spread to show
+    del m.data["linear_probe"]["supervised"]["runs"]["synthetic:cfg_mep"]["draws"]  # metrics from before the draws
+    with pytest.raises(C.ReportError, match=r"no key 'supervised.runs.synthetic:cfg_mep.draws'"):
+        C.synthetic_only_claim(m, "test split (N = 10)")
 
 
 def test_synthetic_only_claim_shows_the_spread_between_draws():
@@ -182,7 +186,9 @@ def test_params_diff_and_timings_from_executed_notebooks(tmp_path):
     # a training loop that resumed from an earlier execution's checkpoint marks the stage's time as partial
     for line, resumed in [("12:00:01 INFO unet[mep]: resumed from /c/checkpoint-800 (step 800/1000)", True),
                           ("12:00:01 INFO vae: resumed from /c/checkpoint-0 (step 0/900)", False),
-                          ("12:00:01 INFO unet[mep] step 10/1000 loss=0.3", False)]:
+                          ("12:00:01 INFO unet[mep] step 10/1000 loss=0.3", False),
+                          ("12:00:01 INFO supervised CNN: resumed from /c/ab.npy (finished earlier: its test scores)", True),
+                          ("12:00:01 INFO cfg_mep: resumed from /d/cfg_mep (finished earlier: 2 of 3 shards)", True)]:
         nb.cells[0].outputs.append(nbformat.v4.new_output("stream", name="stdout", text=line + "\n"))
         nbformat.write(nb, path)
         assert PV.stage_record(path)["resumed"] is resumed, line

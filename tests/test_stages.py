@@ -319,6 +319,11 @@ def test_study_through_dvc_and_papermill(dvc_study):
     cs = pd.read_csv(s.root / "checkpoints" / "benchmarks" / "generator_levers.csv")
     assert list(cs.cnn_seeds.iloc[-2:]) == [2, 3] and cs.fd_dino.iloc[-1] == cs.fd_dino.iloc[0]
     assert (cs.auroc_seed_min.iloc[-2:] <= cs.auroc_seed_max.iloc[-2:]).all()
+    # --combined: cfg_mep_classifier at a (CFG, classifier scale) pair
+    combined = bench[:-4] + ["--cfg", "--cfg-baseline", "--classifier-scale", "--combined", "3:2"]
+    assert "1 of 1 settings to run" in run(combined, s.root)
+    row = pd.read_csv(s.root / "checkpoints" / "benchmarks" / "generator_levers.csv").iloc[-1]
+    assert (row["mode"], row.cfg_scale, row.classifier_scale) == ("cfg_mep_classifier", 3, 2) and 0 <= row.auroc <= 1
     # the VAE lever: benchmarks/vae_levers.py (the ceiling: reconstructions against real patches) with Stable
     # Diffusion's whole autoencoder loss, then generator_levers.py on that VAE, which reuses it and retrains the
     # prototype classifier on its latents

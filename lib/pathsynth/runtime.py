@@ -276,6 +276,13 @@ def setup_logging() -> None:
         log.propagate = False
 
 
+def log_reused(what: str, path, finished: str) -> None:
+    """Log that finished work of an earlier execution (cached runs, complete shards) was reused instead of redone:
+    the report's timing table reads this line (as it reads the training loop's resume line) and marks the stage's
+    wall time as that of its last execution only."""
+    log.info(f"{what}: resumed from {path} (finished earlier: {finished})")
+
+
 def start_stage(name: str, device: str | None = None, params_path: str | Path | None = None) -> Stage:
     setup_logging()
     root = config.project_root(Path(params_path).parent if params_path else None)

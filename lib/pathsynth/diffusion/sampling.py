@@ -28,7 +28,7 @@ from PIL import Image
 
 from ..data.dataset import DataError, ImageSet, read_imageset, write_imageset
 from ..prototypes.prompts import baseline_prompt, mep_prompt
-from ..runtime import derive_seed
+from ..runtime import derive_seed, log_reused
 from . import guidance
 
 MODE_SPEC = {  # mode -> (model variant, prompt kind, classifier-free guidance?, classifier guidance?)
@@ -135,12 +135,13 @@ def generate_mode(mode: str, req: Request, models_: dict, gp, run_dir: Path, dev
         probe.unlink()
     except OSError as err:
         raise DataError(f"{folder}: output folder cannot be written ({err.strerror or err})") from None
-    made, t_gen = 0, 0.0
+    made, reused, t_gen = 0, 0, 0.0
     for sh in (progress(shards, desc=f"{mode} shards", unit="shard") if progress else shards):
         path = folder / f"shard-{sh:05d}.h5"
         lo, hi = sh * S, min(n, (sh + 1) * S)
         key = shard_key(mode, req, lo, hi, gp, models_)
         if path.exists() and shard_matches(path, key):  # written atomically: complete, and made the same way
+            reused += 1
             continue
         xs = []
         t0 = time.perf_counter()
@@ -167,6 +168,8 @@ def generate_mode(mode: str, req: Request, models_: dict, gp, run_dir: Path, dev
         write_imageset(path, ImageSet(x, req.label[lo:hi], meta, {"source": "synthetic", "mode": mode, "shard": sh,
                                                                    "key": key}))
         made += hi - lo
+    if reused:
+        log_reused(mode, folder, f"{reused} of {len(shards)} shards")
     return {"images_made": made, "seconds": t_gen}
 
 

@@ -13,6 +13,8 @@ and a fresh sample z = mean + std * eps is drawn at every step, as SD training d
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -267,14 +269,12 @@ def train_vae(train_x: np.ndarray, cfg, seed: int, device: str, ckpt_root: Path,
         if not hasattr(perceptual, "backbone"):
             raise ValueError("ldm_finetune.vae.perceptual_weight > 0 needs the prototypes stage's own DINO "
                              "(prototypes.extractor: self); a pretrained extractor is not supported for it")
-        import copy
         net = copy.deepcopy(perceptual.backbone)
     torch.manual_seed(seed)
     vae = models.build_vae(cfg)
     task = VAETask(vae, cfg.kl_weight, cfg.crop_size, cfg.disc_weight, cfg.disc_start, cfg.perceptual_weight, net)
     identity = {"vae": cfg.model_dump(mode="json"), "seed": seed, "data": fingerprint}
     if net is not None:
-        import hashlib
         identity["perceptual"] = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in net.state_dict().values())).hexdigest()[:16]
     run = params_hash(identity)
     out = train_loop(task, {"x": torch.from_numpy(train_x)}, cfg.train, ckpt_root / f"vae-{run}", run, seed,

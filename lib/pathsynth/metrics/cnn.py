@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..runtime import derive_seed
+from ..runtime import derive_seed, log_reused
 
 
 class SmallCNN(nn.Module):
@@ -116,18 +116,14 @@ def draw_size(sets: dict[str, np.ndarray], n: int | None, k: int) -> int:
     naming it."""
     per_class = {name: min(int((np.asarray(y) == c).sum()) for c in (0, 1)) for name, y in sets.items()}
     n = n or 2 * (min(per_class.values()) // k)
-    short = {name: 2 * c for name, c in per_class.items() if k * (n // 2) > c}
+    held = {name: 2 * c for name, c in per_class.items()}  # balanced images each set can give
+    short = {name: h for name, h in held.items() if k * (n // 2) > h // 2}
     if short or n < 2 or n % 2:
+        where = f"these hold fewer: {short}" if short else f"the sets hold {held}"
         raise ValueError(f"linear_probe.supervised: {k} disjoint draws (n_seeds) of {n} images (n_synthetic, even) "
-                         f"need {k * max(n, 2)} per synthetic set in balanced classes; "
-                         f"{'these hold fewer: ' + str(short) if short else 'the sets hold ' + str({m: 2 * c for m, c in per_class.items()})}: "
+                         f"need {k * max(n, 2)} per synthetic set in balanced classes; {where}: "
                          "raise guided_sampling.n_per_mode or lower n_synthetic / n_seeds")
     return n
-
-
-def nested_balanced_subset(y: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """n indices of ``y``, n/2 per class, sorted: the one draw of ``balanced_draws`` (nested in n for one seed)."""
-    return balanced_draws(y, n, 1, seed)[0]
 
 
 def disjoint(draws: list[np.ndarray]) -> bool:
@@ -148,6 +144,7 @@ def supervised_run(images: np.ndarray, labels: np.ndarray, test_images: torch.Te
                        "cfg": cfg.model_dump(mode="json", exclude={"n_seeds"}), "seed": seed})
     path = Path(cache) / f"{key}.npy"
     if path.is_file():
+        log_reused("supervised CNN", path, "its test scores")
         return np.load(path)
     x = to_tensor(images, cfg.image_size)
     net = train_cnn(x, labels, np.arange(len(labels)), cfg.steps, cfg.batch_size, seed, device, cfg.lr, cosine=True,

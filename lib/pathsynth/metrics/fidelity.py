@@ -14,9 +14,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..runtime import derive_seed
+
 
 class MetricError(ValueError):
     pass
+
+
+def reference_draw(n_train: int, n_reference: int, seed: int) -> np.ndarray:
+    """fid_umap_coverage's real reference: a seeded ``n_reference`` of the ``n_train`` real train images (sorted
+    indices; all of them where there are fewer). The benchmarks judge against the same draw."""
+    rng = np.random.default_rng(derive_seed(seed, "fid_reference"))
+    return np.sort(rng.choice(n_train, min(n_reference, n_train), replace=False))
 
 
 def check_features(real: np.ndarray, fake: np.ndarray, min_n: int = 2) -> None:

@@ -153,8 +153,8 @@ def synthetic_only_claim(m: Metrics, cohort: str) -> Claim:
         why = ("the paper's value lies inside the CI" if lo <= paper else "above the paper's value (CI above it)")
     best = max((k for k in runs if k.startswith("synthetic:")), key=lambda k: runs[k]["auroc"]["value"])
     why += f"; best synthetic set {best.split(':')[1]} {runs[best]['auroc']['value']:.3f} {ci(runs[best]['auroc']['ci95'])}"
-    draws = r.get("draws")  # one CNN per disjoint draw of N images; metrics of earlier runs have none
-    n_draws = draws["n"] if draws else 1
+    draws = m.get("linear_probe", "supervised", "runs", key, "draws")  # one CNN per disjoint draw of N images
+    n_draws = draws["n"]
     spread = f"; one draw of {r['n_synthetic']} alone {draws['min']:.3f} to {draws['max']:.3f}" if n_draws > 1 else ""
     return Claim("Osorio et al.", "A classifier trained on synthetic data only reaches AUROC 0.805", f"{paper}",
                  f"{auc:.3f} {ci(r['auroc']['ci95'])} (N = {r['n_synthetic']} synthetic training images"

@@ -54,7 +54,8 @@ def executed_notebook(root: Path, stage: str) -> Path | None:
     return found[0] if found else None
 
 
-RESUMED = re.compile(r"^\S.*: resumed from .* \(step (\d+)/\d+\)")  # pathsynth.training's log line on a resume
+# the log line of pathsynth.training on a resume past step 0, or of runtime.log_reused on finished work reused
+RESUMED = re.compile(r"^\S.*: resumed from .* \((?:step [1-9]\d*/\d+|finished earlier: .+)\)")
 
 
 def stage_record(nb_path: Path) -> dict:
@@ -70,7 +71,7 @@ def stage_record(nb_path: Path) -> dict:
                 if not header and line.startswith(HEADER):
                     header = json.loads(line.split("  ", 1)[1])
                 m = RESUMED.search(line.split(" INFO ", 1)[-1])
-                resumed = resumed or bool(m and int(m.group(1)) > 0)
+                resumed = resumed or bool(m)
     res = nb.get("metadata", {}).get("pathsynth", {})
     pm = nb.get("metadata", {}).get("papermill", {})
     return {"header": header, "wall_s": res.get("wall_s", pm.get("duration")), "resumed": resumed,
