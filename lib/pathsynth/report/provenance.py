@@ -59,9 +59,9 @@ RESUMED = re.compile(r"^\S.*: resumed from .* \((?:step [1-9]\d*/\d+|finished ea
 
 
 def stage_record(nb_path: Path) -> dict:
-    """The header the stage printed (device, CPU, threads, versions, git), its resources, and whether a
-    training loop in it resumed from a checkpoint left by an earlier execution (then its wall time is that of
-    this execution only, not of the whole stage)."""
+    """The header the stage printed (device, CPU, threads, versions, git), its resources, and whether it resumed
+    work left by an earlier execution: a training loop's checkpoint, cached CNN runs, finished sampling shards (then
+    its wall time is that of this execution only, not of the whole stage)."""
     nb = json.loads(nb_path.read_text())
     header, resumed = {}, False
     for cell in nb.get("cells", []):
@@ -117,8 +117,8 @@ def _resumed(row) -> bool:
 
 def timing_table(results: Path, stages=STAGES) -> str:
     """Wall time and peak memory per stage and in total, one column per committed run (results/<profile>/timings.csv,
-    written by the report stage from the executed notebooks' records). A stage whose training resumed from an
-    earlier execution's checkpoint is marked "(resumed)": its time is that of its last execution only."""
+    written by the report stage from the executed notebooks' records). A stage that resumed work of an earlier
+    execution (``stage_record``) is marked "(resumed)": its time is that of its last execution only."""
     runs = {p.parent.name: pd.read_csv(p).set_index("stage") for p in sorted(results.glob("*/timings.csv"))}
     if not runs:
         return "No committed run yet: `make results` after a full `make repro`."
