@@ -35,6 +35,14 @@ use it, the baseline modes keep the stage's baseline model, and the classifier i
 (``vae.disc_weight=0.5``) retrain the VAE first (shared with ``vae_levers.py``), and the classifier on its latents. Rows name the
 UNet in the ``unet`` column ("stage": the stage's own models).
 
+``--allocation proportional`` and ``--request-pairs train_split`` change what the images are asked for
+(``sampling.allocate``): guided_sampling asks, label by label in turn, for each of the prompt-balanced subset's
+(label, prototype) pairs in turn (``uniform`` over ``balanced_subset``: each class's most populated prototypes, equally
+often); ``proportional`` over ``train_split`` draws each label's prototype with its frequency among that label's
+training images, so the requests follow the real p(prototype | label) over every pair the UNet was trained on (STUDY.md
+B.4 leaves the allotment open). Rows carry ``allocation``, ``request_pairs`` and ``hit_chance``, the hit rate of a
+generator that ignores the request (``sampling.chance_hit_rate``), which depends on the allotment.
+
 ``--seed S`` repeats settings under another seed: the requests and per-image seeds, the fd reference's bootstrap,
 the pixel reader's real draw, the CNN, and any retrained model are drawn anew (the stage's models stay what they
 are). One seed's CIs resample test images only, not the training and sampling that made the images: repeat a
@@ -57,7 +65,7 @@ import yaml
 from diffusers import AutoencoderKL
 
 from pathsynth import config
-from pathsynth.data.dataset import read_imageset
+from pathsynth.data.dataset import DataError, read_imageset
 from pathsynth.data.features import read_features
 from pathsynth.diffusion import models, sampling as S, train as T
 from pathsynth.metrics import classification as C, cnn as CNN, readers as R
@@ -176,6 +184,15 @@ def retrained_mep(root: Path, P, lp, work: Path, device: str, suffix: str = "") 
     return folder
 
 
+REQUEST_PAIRS = {"balanced_subset": "in_balanced_subset", "train_split": None}  # prompts_train.csv rows
+
+
+def request_rows(table: pd.DataFrame, pairs: str) -> pd.DataFrame:
+    """The prompt table's rows whose (label, prototype) pairs, with their counts, requests are drawn over."""
+    col = REQUEST_PAIRS[pairs]
+    return table[table[col]] if col else table
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", type=Path, default=None, help="a project whose stages up to dino_pretrain have run")
@@ -186,6 +203,11 @@ def main() -> int:
     ap.add_argument("--combined", type=scale_pair, nargs="*", default=[], metavar="CFG:SCALE",
                     help="cfg_mep_classifier's (CFG scale, classifier scale) pairs, such as 3:3")
     ap.add_argument("--unet", nargs="*", default=[], metavar="KEY=VALUE", help="retrain the mep UNet with these ldm_finetune settings")
+    ap.add_argument("--allocation", choices=["uniform", "proportional"], default=None,
+                    help="how prototypes are allotted to requests (default: the profile's guided_sampling.allocation)")
+    ap.add_argument("--request-pairs", choices=list(REQUEST_PAIRS), default="balanced_subset",
+                    help="the (label, prototype) pairs requests are drawn over (default: guided_sampling's, the "
+                    "prompt-balanced subset's)")
     ap.add_argument("--seed", type=int, default=None, help="repeat under this seed (default: the params' seed)")
     ap.add_argument("--cnn-seeds", type=int, default=None, help="CNNs per set for auroc (default: the profile's "
                     "linear_probe.supervised.n_seeds)")
@@ -204,6 +226,9 @@ def main() -> int:
     work = root / "checkpoints" / "benchmarks" / "generator_levers"
     out = a.out or work.with_suffix(".csv")
     unet_name = " ".join(a.unet) or "stage"
+    allocation = a.allocation or GP.allocation
+    # images asked for otherwise than by the stage live in folders of their own
+    asked = "" if (allocation, a.request_pairs) == (GP.allocation, "balanced_subset") else f"{allocation}-{a.request_pairs}-"
     lp = overridden(P.ldm_finetune, a.unet)  # bad keys or values fail here, before anything runs
     done = pd.read_csv(out, keep_default_na=False, na_values=[""]) if out.is_file() else pd.DataFrame()
 
@@ -212,7 +237,11 @@ def main() -> int:
             return None
         hit = np.flatnonzero((done["mode"] == mode) & (done.cfg_scale == w) & (done.classifier_scale == s)
                              & (done.n == a.n) & (done.unet == unet_name) & (done.seed == P.seed)
-                             & (done.get("cnn_seeds", pd.Series(1, index=done.index)).fillna(1) == SUP.n_seeds))
+                             & (done.get("cnn_seeds", pd.Series(1, index=done.index)).fillna(1) == SUP.n_seeds)
+                             # rows from before these columns: the stage's allotment then (uniform, balanced_subset)
+                             & (done.get("allocation", pd.Series("uniform", index=done.index)).fillna("uniform") == allocation)
+                             & (done.get("request_pairs", pd.Series("balanced_subset", index=done.index))
+                                .fillna("balanced_subset") == a.request_pairs))
         return int(hit[0]) if len(hit) else None
 
     todo = [s for s in settings(a) if row_of(*s) is None]
@@ -220,16 +249,20 @@ def main() -> int:
     no_c2st = [s for s in settings(a) if row_of(*s) is not None
                and ("c2st" not in done or pd.isna(done.loc[row_of(*s), "c2st"]))]
     print(f"{root}: profile {P.profile}, {GP.sampler} {GP.steps} steps, JPEG {GP.jpeg_quality}; N = {a.n} per setting; "
-          f"UNet: {unet_name}; seed {P.seed}; {SUP.n_seeds} CNN seeds; {len(todo)} of {len(settings(a))} settings to run"
+          f"UNet: {unet_name}; requests {allocation} over {a.request_pairs}; seed {P.seed}; {SUP.n_seeds} CNN seeds; {len(todo)} of {len(settings(a))} settings to run"
           + (f", {len(no_c2st)} to complete with the pixel C2ST" if no_c2st else ""))
 
     # everything the settings need, loaded (and checked) before any sampling
     model_root = retrained_mep(root, P, lp, work, a.device, suffix) if a.unet else root / "models" / "ldm_finetune"
     models_ = S.load_models(model_root, {"mep", "baseline"}, a.device)
     table = pd.read_csv(root / "data" / "prototypes" / "prompts_train.csv")
-    req = S.allocate(table[table.in_balanced_subset], a.n, GP.allocation, GP.balance_labels, P.seed)
+    req = S.allocate(request_rows(table, a.request_pairs), a.n, allocation, GP.balance_labels, P.seed)
+    chance = S.chance_hit_rate(req.prototype, table.prototype.to_numpy())
     for mode in {s[0] for s in todo}:
-        S.check_mode(models_, mode, req)
+        try:
+            S.check_mode(models_, mode, req)
+        except DataError as err:  # such as train_split pairs asked of a UNet trained on the prompt-balanced subset
+            raise SystemExit(f"--request-pairs {a.request_pairs}: {err}") from None
     extractor = load_extractor(P, root)
     centroids = np.load(root / "data" / "prototypes" / "centroids.npz")["centroids"]
     feats_train = np.load(root / "data" / "prototypes" / "features_train.npy")
@@ -255,7 +288,7 @@ def main() -> int:
         gp = GP.model_copy(update={"cfg_scale": w, "classifier_scale": s})
         uses_mep = S.MODE_SPEC[mode][0] == "mep"
         tag = "" if unet == "stage" or not uses_mep else T.params_hash({"unet": unet}) + "-"
-        folder = work / f"{tag}n{a.n}-cfg{w:g}-cls{s:g}{suffix}"
+        folder = work / f"{tag}{asked}n{a.n}-cfg{w:g}-cls{s:g}{suffix}"
         S.generate_mode(mode, req, models_, gp, folder, a.device)
         return S.merge_mode(mode, a.n, gp.shard_size, folder, folder / f"{mode}.h5", keys=S.shard_keys(mode, req, gp, models_)).x
 
@@ -280,6 +313,7 @@ def main() -> int:
         t0 = time.perf_counter()
         x = images(mode, w, s, unet_name)
         row = {"unet": unet_name, "mode": mode, "cfg_scale": w, "classifier_scale": s, "n": a.n,
+               "allocation": allocation, "request_pairs": a.request_pairs, "hit_chance": chance,
                "sampling_s": round(time.perf_counter() - t0, 1)}
         row.update(pixel_c2st(x))
         f = extractor(x, device=a.device)
@@ -301,10 +335,10 @@ def main() -> int:
         save(done)
         print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
     cols = ["hit_indep", "hit_indep_lo", "hit_indep_hi"]
-    order = ["unet", "mode", "cfg_scale", "classifier_scale", "n", "hit_own", "hit_own_lo", "hit_own_hi", *cols,
+    order = ["unet", "mode", "cfg_scale", "classifier_scale", "n", "allocation", "request_pairs", "hit_chance", "hit_own", "hit_own_lo", "hit_own_hi", *cols,
              "fd_dino", "fd_dino_lo", "fd_dino_hi", "auroc", "auroc_lo", "auroc_hi", "auroc_seed_min", "auroc_seed_max",
              "cnn_seeds", "c2st", "c2st_lo", "c2st_hi", "n_test", "sampling_s", "seed"]
-    print(f"\n{out} (chance hit rate {S.chance_hit_rate(req.prototype, table.prototype.to_numpy()):.3f}):\n"
+    print(f"\n{out} (chance hit rate of these requests {chance:.3f}):\n"
           + done[done.n == a.n].reindex(columns=[c for c in order if c in done]).round(3).to_markdown(index=False))
     return 0
 

@@ -324,6 +324,16 @@ def test_study_through_dvc_and_papermill(dvc_study):
     assert "1 of 1 settings to run" in run(combined, s.root)
     row = pd.read_csv(s.root / "checkpoints" / "benchmarks" / "generator_levers.csv").iloc[-1]
     assert (row["mode"], row.cfg_scale, row.classifier_scale) == ("cfg_mep_classifier", 3, 2) and 0 <= row.auroc <= 1
+    # --allocation: the same setting asked for otherwise is a row of its own, with its own images and chance rate
+    assert "requests proportional over balanced_subset" in run(bench + ["--allocation", "proportional"], s.root)
+    alloc = pd.read_csv(s.root / "checkpoints" / "benchmarks" / "generator_levers.csv")
+    assert list(alloc.allocation.fillna("uniform").iloc[[0, -1]]) == ["uniform", "proportional"]
+    assert alloc.fd_dino.iloc[-1] != alloc.fd_dino.iloc[0] and 0 < alloc.hit_chance.iloc[-1] < 1
+    assert len(list((s.root / "checkpoints" / "benchmarks" / "generator_levers").glob("proportional-balanced_subset-n8-*"))) == 1
+    # a UNet trained on the prompt-balanced subset has not seen every pair of the train split: a clear stop
+    r = subprocess.run(bench + ["--request-pairs", "train_split"], cwd=s.root, capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}, timeout=600)
+    assert r.returncode != 0 and "--request-pairs train_split: guided_sampling: prompt '" in r.stderr, r.stderr[-2000:]
     # the VAE lever: benchmarks/vae_levers.py (the ceiling: reconstructions against real patches) with Stable
     # Diffusion's whole autoencoder loss, then generator_levers.py on that VAE, which reuses it and retrains the
     # prototype classifier on its latents
