@@ -184,13 +184,12 @@ def retrained_mep(root: Path, P, lp, work: Path, device: str, suffix: str = "") 
     return folder
 
 
-REQUEST_PAIRS = {"balanced_subset": "in_balanced_subset", "train_split": None}  # prompts_train.csv rows
+REQUEST_PAIRS = ("balanced_subset", "train_split")
 
 
 def request_rows(table: pd.DataFrame, pairs: str) -> pd.DataFrame:
     """The prompt table's rows whose (label, prototype) pairs, with their counts, requests are drawn over."""
-    col = REQUEST_PAIRS[pairs]
-    return table[table[col]] if col else table
+    return table[table.in_balanced_subset] if pairs == "balanced_subset" else table
 
 
 def main() -> int:
@@ -205,7 +204,7 @@ def main() -> int:
     ap.add_argument("--unet", nargs="*", default=[], metavar="KEY=VALUE", help="retrain the mep UNet with these ldm_finetune settings")
     ap.add_argument("--allocation", choices=["uniform", "proportional"], default=None,
                     help="how prototypes are allotted to requests (default: the profile's guided_sampling.allocation)")
-    ap.add_argument("--request-pairs", choices=list(REQUEST_PAIRS), default="balanced_subset",
+    ap.add_argument("--request-pairs", choices=REQUEST_PAIRS, default="balanced_subset",
                     help="the (label, prototype) pairs requests are drawn over (default: guided_sampling's, the "
                     "prompt-balanced subset's)")
     ap.add_argument("--seed", type=int, default=None, help="repeat under this seed (default: the params' seed)")
@@ -232,16 +231,17 @@ def main() -> int:
     lp = overridden(P.ldm_finetune, a.unet)  # bad keys or values fail here, before anything runs
     done = pd.read_csv(out, keep_default_na=False, na_values=[""]) if out.is_file() else pd.DataFrame()
 
+    def column(name, before):  # a column of the CSV, with the value rows written before it existed had
+        return done[name].fillna(before) if name in done else pd.Series(before, index=done.index)
+
     def row_of(mode, w, s):
         if done.empty:
             return None
         hit = np.flatnonzero((done["mode"] == mode) & (done.cfg_scale == w) & (done.classifier_scale == s)
                              & (done.n == a.n) & (done.unet == unet_name) & (done.seed == P.seed)
-                             & (done.get("cnn_seeds", pd.Series(1, index=done.index)).fillna(1) == SUP.n_seeds)
-                             # rows from before these columns: the stage's allotment then (uniform, balanced_subset)
-                             & (done.get("allocation", pd.Series("uniform", index=done.index)).fillna("uniform") == allocation)
-                             & (done.get("request_pairs", pd.Series("balanced_subset", index=done.index))
-                                .fillna("balanced_subset") == a.request_pairs))
+                             & (column("cnn_seeds", 1) == SUP.n_seeds)  # earlier rows: one CNN, the stage's requests
+                             & (column("allocation", "uniform") == allocation)
+                             & (column("request_pairs", "balanced_subset") == a.request_pairs))
         return int(hit[0]) if len(hit) else None
 
     todo = [s for s in settings(a) if row_of(*s) is None]
