@@ -47,6 +47,21 @@ def test_c2st_is_at_chance_for_one_distribution_and_near_one_for_two():
     assert diff["auroc"] > 0.95 and diff["ci95"][0] > 0.9
 
 
+def test_a_reader_over_seeds_keeps_the_first_seed_and_shows_the_spread():
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(120, 8)), rng.normal(size=(120, 8)) + 0.3
+    runs = [R.c2st_linear(a, b, seed=s, n_bootstrap=50)[0] for s in (11, 12, 13)]
+    r = R.over_reader_seeds(runs)
+    aurocs = [x["auroc"] for x in runs]
+    assert r["auroc"] == aurocs[0] and r["ci95"] == runs[0]["ci95"] and r["seed"] == 11
+    assert r["reader_seeds"]["seeds"] == [11, 12, 13] and r["reader_seeds"]["auroc"] == aurocs
+    assert r["reader_seeds"]["median"] == pytest.approx(np.median(aurocs))
+    assert (r["reader_seeds"]["min"], r["reader_seeds"]["max"]) == (min(aurocs), max(aurocs))
+    assert len(set(aurocs)) == 3  # another split is another reader: the seed moves the AUROC
+    with pytest.raises(MetricError, match="no reader results"):
+        R.over_reader_seeds([])
+
+
 def test_auroc_matches_sklearn():
     from sklearn.metrics import roc_auc_score
 

@@ -86,7 +86,7 @@ SMALL_ALL = {**SMALL_LDM,
                  "depth": 1, "epochs": 2, "out_dim": 128, "head_hidden_dim": 64, "head_bottleneck_dim": 32,
                  "batch_size": 16, "log_every": 2, "checkpoint_every": 4}},
              "fid_umap_coverage": {"n_bootstrap": 20, "kid_subsets": 5, "kid_subset_size": 6, "c2st_cnn_epochs": 2,
-                                   "umap_max_points": 60, "n_closest_pairs": 4},
+                                   "c2st_reader_seeds": 2, "umap_max_points": 60, "n_closest_pairs": 4},
              "linear_probe": {"n_bootstrap": 50, "n_seeds": 2, "c_grid": [0.1, 1.0],
                               "supervised": {"steps": 10, "batch_size": 8, "real_sizes": [4, 16], "n_seeds": 2}},
              "reader_stats": {"n_per_set": 4, "n_bootstrap": 50, "n_extreme": 3}}
@@ -204,7 +204,12 @@ def test_study_through_dvc_and_papermill(dvc_study):
         for reader in ("c2st_linear_dino_real", "c2st_cnn_pixels"):
             reads = pd.read_csv(s.root / "data" / "fid_umap_coverage" / "machine_reads" / f"{reader}_{mode}.csv")
             assert list(reads.columns) == READS_COLUMNS and len(reads) == 8  # half of 8 + 8 held out
-        assert 0 <= fm["machine_readers"][mode]["cnn_pixels"]["auroc"] <= 1
+        for reader in fm["machine_readers"][mode].values():  # every reader retrained under 2 seeds, the first one's kept
+            rs = reader["reader_seeds"]
+            assert rs["n"] == 2 and len(set(rs["seeds"])) == 2 and rs["auroc"][0] == reader["auroc"]
+            assert 0 <= rs["min"] <= rs["median"] <= rs["max"] <= 1
+    c2st = pd.read_csv(s.root / "plots" / "fid_umap_coverage" / "c2st.csv")
+    assert len(c2st) == len(modes) * 2 * 2 and set(c2st.reader_seed) == {0, 1}
     for fig in ("fd", "coverage_by_prototype", "umap", "memorisation", "c2st"):
         assert (s.root / "reports" / "figures" / f"fid_umap_coverage_{fig}.png").stat().st_size > 5000
     # linear_probe: every backbone probed with CIs and paired tests; the supervised runs; no slide ids here

@@ -333,6 +333,7 @@ class FidUmapCoverage(Strict):
     copy_quantile: float = Field(gt=0, lt=1)  # copy threshold: this quantile of real test-to-train distances
     c2st_test_fraction: float = Field(gt=0, lt=1)
     c2st_cnn_epochs: int = Field(ge=1)
+    c2st_reader_seeds: int = Field(ge=1)  # each machine reader retrained under this many seeds (split, initialisation)
     inception_weights: Optional[str]  # local FID weights file (torch-fidelity's pt_inception-2015-12-05); null: no FID
     umap_max_points: int = Field(ge=10)
     n_closest_pairs: int = Field(ge=1)

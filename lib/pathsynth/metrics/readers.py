@@ -2,7 +2,8 @@
 
 A reader is trained on part of the images and judged on the rest (stratified split, seeded): its
 AUROC on the held-out images with a bootstrap 95% CI, where 0.5 means indistinguishable, and its
-per-image decisions, so the reader-study statistics can treat machine readers like human ones.
+per-image decisions, so the reader-study statistics can treat machine readers like human ones. Retrained under
+several seeds (``over_reader_seeds``), a reader also shows how far its seed alone moves that AUROC.
 """
 from __future__ import annotations
 
@@ -86,6 +87,19 @@ def c2st_cnn(real: np.ndarray, fake: np.ndarray, test_fraction: float = 0.5, see
     decisions = pd.DataFrame({"set": np.where(y[te] == 1, "synthetic", "real"), "index": idx[te], "truth": y[te],
                               "p_synthetic": p, "threshold": threshold})
     return result, decisions
+
+
+def over_reader_seeds(results: list[dict]) -> dict:
+    """One reader retrained under several seeds (held-out split, initialisation, bootstrap): the first seed's result
+    (whose decisions go to the reader study) with every seed's held-out AUROC beside it and their median and range.
+    A small reader's seed moves its AUROC more than one seed's bootstrap CI shows (benchmarks/README.md), so a
+    single seed's AUROC is not the reader's whole answer."""
+    if not results:
+        raise MetricError("no reader results to summarise")
+    aurocs = [float(r["auroc"]) for r in results]
+    return {**results[0], "reader_seeds": {"n": len(results), "seeds": [int(r["seed"]) for r in results],
+                                           "auroc": aurocs, "median": float(np.median(aurocs)),
+                                           "min": min(aurocs), "max": max(aurocs)}}
 
 
 READS_COLUMNS = ["reader_id", "packet_id", "image_id", "answer", "confidence", "time_s"]

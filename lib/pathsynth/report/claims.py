@@ -315,8 +315,12 @@ def extras(m: Metrics) -> pd.DataFrame:
                          f"({a['n_real']}) do (expected {a['quantile']:.2f} without copying; Wilson CI)", "fid_umap_coverage"))
     for mode, readers in m.get("fid_umap_coverage", "machine_readers").items():
         for name, r in readers.items():
+            seeds = r.get("reader_seeds")  # runs before c2st_reader_seeds had one seed per reader
+            spread = (f"; retrained under {seeds['n']} seeds: median {seeds['median']:.3f}, range {seeds['min']:.3f} to "
+                      f"{seeds['max']:.3f}" if seeds and seeds["n"] > 1 else "")
             rows.append(("machine reader (C2ST)", f"{mode}, {r['reader']}",
-                         f"AUROC {r['auroc']:.3f} {ci(r['ci95'])} (N = {r['n']}; 0.5 = indistinguishable)", "fid_umap_coverage"))
+                         f"AUROC {r['auroc']:.3f} {ci(r['ci95'])} (first seed; N = {r['n']}; 0.5 = indistinguishable{spread})",
+                         "fid_umap_coverage"))
     chance = m.get("guided_sampling", "chance")
     for mode, r in m.get("fid_umap_coverage", "hit_rate_independent").items():
         rows.append(("independent hit-rate judge", mode, f"{r['rate']:.3f} {ci(r['ci95'])} (N = {r['n']}; chance {chance:.3f})",
