@@ -5,8 +5,8 @@
 The gpu profile's text-conditioned UNet (profiles/gpu.yaml: 71M parameters at 24x24x4 latents) is trained
 on random latents and prompts in bf16 autocast with fused AdamW: (a) a bare step (noise, add_noise, text
 encoder, UNet, MSE, backward, optimiser), eager and under torch.compile, with and without channels-last,
-at batch 256 to 1024, with torch.compile's max-autotune mode, and with Stable Diffusion's block widths
-(320, 640, 1280) in place of the profile's (128, 256, 512), the levers results/gpu/README.md names for a UNet too
+at batch 256 to 1024, with torch.compile's max-autotune mode, and with wider blocks, (192, 384, 768) and Stable
+Diffusion's (320, 640, 1280), in place of the profile's (128, 256, 512): the levers results/gpu/README.md names for a UNet too
 narrow to fill the GPU; (b) the study's train_loop with the profile's own settings (EMA, clipping, seeded
 generators, Min-SNR weights). FLOPs are counted once per configuration with torch.utils.flop_counter
 (forward + backward); MFU is FLOP/s over the GPU's dense bf16 peak (training.PEAK_FLOPS). Times are
@@ -14,7 +14,8 @@ medians of CUDA-synchronised windows after warm-up (compilation excluded).
 
 One device command runs at most 10 minutes, so `--only` picks rows by a part of their label (`--list` prints the
 labels); with `--out`, each row is added to that JSON file as soon as it is measured (rows already there are kept,
-and a row measured again replaces its old one), so a command cut off at its limit loses only the row it was in.
+a row measured again replaces its old one, and a file from another GPU is refused), so a command cut off at its
+limit loses only the row it was in.
 """
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ def main():
     ap.add_argument("--list", action="store_true", help="print the row labels and stop")
     a = ap.parse_args()
     lp = config.validate(config.profile_params("gpu")).ldm_finetune
-    wide, sd = widened(lp, (192, 384, 768)), widened(lp, (320, 640, 1280))  # ~160M and 440M parameters
+    wide, sd = widened(lp, (192, 384, 768)), widened(lp, (320, 640, 1280))  # 159M and 440M parameters (counted)
     table = [
         ("bare, eager, batch 256", lambda: bare(lp, 256, False, False, a.steps)),
         ("bare, compiled, batch 256", lambda: bare(lp, 256, True, False, a.steps)),
@@ -120,6 +121,8 @@ def main():
     name, peak = peak_flops("cuda")
     out = Path(a.out) if a.out else None
     res = json.loads(out.read_text()) if out and out.exists() else {}
+    if res and res.get("device") != name:  # rows of two GPUs in one file would read as one GPU's table
+        raise SystemExit(f"{out}: holds rows measured on {res.get('device')}, this is {name}; give another --out")
     rows = res.get("rows", [])
     for label, fn in chosen:
         t_start = time.perf_counter()
@@ -127,7 +130,7 @@ def main():
             flops, sec = fn()
             row = {"config": label, "flops_per_step": flops, "seconds_per_step": sec,
                    "tflops_per_s": flops / sec / 1e12, "mfu": flops / sec / peak if peak else None,
-                   "wall_s": time.perf_counter() - t_start}
+                   "steps_timed": a.steps, "wall_s": time.perf_counter() - t_start}
             print(f"{label:55s} {sec * 1e3:7.1f} ms/step {row['tflops_per_s']:6.1f} TFLOP/s  MFU {row['mfu']:.1%}", flush=True)
         except torch.OutOfMemoryError as e:  # a batch too large for this GPU is a finding, not the end of the run
             row = {"config": label, "error": "out of GPU memory: " + str(e).splitlines()[0]}
@@ -135,8 +138,9 @@ def main():
         rows = [r for r in rows if r["config"] != label] + [row]
         torch.cuda.empty_cache()
         if out:  # after every row: a command cut off at its time limit keeps what it measured
-            res = {"device": name, "peak_flops": peak, "torch": torch.__version__, "steps_timed": a.steps, "rows": rows}
+            res = {"device": name, "peak_flops": peak, "torch": torch.__version__, "rows": rows}
             out.write_text(json.dumps(res, indent=1))
+
 
 if __name__ == "__main__":
     main()
