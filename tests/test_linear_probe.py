@@ -291,7 +291,10 @@ def test_run_spread_matches_sklearn_per_run():
     np.testing.assert_allclose(r["auroc"], ref, atol=1e-6)
     assert r["n"] == 3 and r["min"] == pytest.approx(min(ref)) and r["max"] == pytest.approx(max(ref))
     assert r["sd"] == pytest.approx(np.std(ref, ddof=1)) and r["mean"] == pytest.approx(np.mean(ref))
+    assert r["median"] == pytest.approx(np.median(ref))
     assert C.run_spread(y, per_run[:1])["sd"] is None
+    with pytest.raises(MetricError, match="one or more finite AUROCs"):
+        C.spread([0.7, float("nan")])
     with pytest.raises(MetricError, match="10 scores for 200 labels"):
         C.run_spread(y, per_run[:, :10])
 

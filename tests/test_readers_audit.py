@@ -54,8 +54,9 @@ def test_a_reader_over_seeds_keeps_the_first_seed_and_shows_the_spread():
     r = R.over_reader_seeds(runs)
     aurocs = [x["auroc"] for x in runs]
     assert r["auroc"] == aurocs[0] and r["ci95"] == runs[0]["ci95"] and r["seed"] == 11
-    assert r["reader_seeds"]["seeds"] == [11, 12, 13] and r["reader_seeds"]["auroc"] == aurocs
+    assert r["reader_seeds"]["seeds"] == [11, 12, 13] and r["reader_seeds"]["auroc"] == pytest.approx(aurocs, abs=1e-6)
     assert r["reader_seeds"]["median"] == pytest.approx(np.median(aurocs))
+    assert r["reader_seeds"]["sd"] == pytest.approx(np.std(aurocs, ddof=1))
     assert (r["reader_seeds"]["min"], r["reader_seeds"]["max"]) == (min(aurocs), max(aurocs))
     assert len(set(aurocs)) == 3  # another split is another reader: the seed moves the AUROC
     with pytest.raises(MetricError, match="no reader results"):
@@ -67,7 +68,9 @@ def test_auroc_matches_sklearn():
 
     rng = np.random.default_rng(3)
     y, s = rng.integers(0, 2, 100), rng.random(100)
-    assert R.auroc_ci(y, s, 50, 0)["auroc"] == pytest.approx(roc_auc_score(y, s))
+    r = R.auroc_ci(y, s, 200, 0)
+    assert r["auroc"] == pytest.approx(roc_auc_score(y, s)) and r["ci95"][0] < r["auroc"] < r["ci95"][1]
+    assert r["n"] == 100 and "stratified" in r["ci"]
 
 
 def test_pixel_c2st_is_at_chance_for_one_distribution_and_near_one_for_blur(phantom_small):

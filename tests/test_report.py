@@ -264,7 +264,7 @@ def test_save_keeps_a_finished_run_and_refuses_an_unfinished_one(tmp_path):
     written = CP.save(run, dest)
     names = sorted(str(p.relative_to(dest)) for p in written)
     assert "metrics/report.json" in names and "REPORT.md" in names and "dvc.lock" in names
-    assert "figures/linear_probe_forest.png" in names and len(names) == 6 + 6
+    assert "figures/fid_umap_coverage_c2st.png" in names and len(names) == 6 + len(CP.KEY_FIGURES)
 
 
 def test_offline_plots_page_renders_vega_in_headless_chromium(tmp_path):

@@ -68,14 +68,23 @@ def binary_metrics(y, score, threshold: float = 0.5) -> dict[str, float]:
     return out
 
 
+def spread(aurocs) -> dict:
+    """Several AUROCs of one experiment rerun (other seeds, draws or splits): each one, and their mean, sample SD,
+    median and range: the variance between runs that one run's test-image bootstrap does not see."""
+    a = np.asarray(aurocs, dtype=np.float64)
+    if a.ndim != 1 or not len(a) or not np.isfinite(a).all():
+        raise MetricError(f"a spread needs one or more finite AUROCs, got {list(np.ravel(a))}")
+    return {"n": len(a), "auroc": [round(float(v), 6) for v in a], "mean": float(a.mean()),
+            "sd": float(a.std(ddof=1)) if len(a) > 1 else None, "median": float(np.median(a)),
+            "min": float(a.min()), "max": float(a.max())}
+
+
 def run_spread(y, per_run) -> dict:
-    """Several runs of one experiment, scored on the same images (``per_run``: [n_runs, N]): each run's AUROC, and
-    their mean, sample SD and range (the variance between runs that a test-image bootstrap does not see)."""
+    """Several runs of one experiment scored on the same images (``per_run``: [n_runs, N]): ``spread`` of their
+    AUROCs."""
     per_run = np.asarray(per_run, dtype=np.float64)
     y = check_scores(y, *per_run)
-    a = _auroc_rows(np.broadcast_to(y, per_run.shape), per_run)
-    return {"n": len(a), "auroc": [round(float(v), 6) for v in a], "mean": float(a.mean()),
-            "sd": float(a.std(ddof=1)) if len(a) > 1 else None, "min": float(a.min()), "max": float(a.max())}
+    return spread(_auroc_rows(np.broadcast_to(y, per_run.shape), per_run))
 
 
 def stratified_resamples(y: np.ndarray, n_bootstrap: int, seed: int) -> np.ndarray:

@@ -10,20 +10,16 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .classification import metrics_with_ci, spread
 from .fidelity import MetricError, check_features
 
 
 def auroc_ci(y: np.ndarray, score: np.ndarray, n_bootstrap: int, seed: int) -> dict:
-    from sklearn.metrics import roc_auc_score
-
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_bootstrap):
-        i = rng.integers(0, len(y), len(y))
-        if len(np.unique(y[i])) == 2:
-            boots.append(roc_auc_score(y[i], score[i]))
-    return {"auroc": float(roc_auc_score(y, score)), "ci95": np.percentile(boots, [2.5, 97.5]).tolist(),
-            "n": int(len(y)), "n_bootstrap": n_bootstrap, "seed": seed}
+    """Held-out AUROC with the study's stratified percentile-bootstrap 95% CI (``classification.metrics_with_ci``:
+    each resample keeps the split's class counts, as the stratified held-out split does)."""
+    m = metrics_with_ci(y, score, n_bootstrap, seed)
+    return {"auroc": m["auroc"]["value"], "ci95": m["auroc"]["ci95"], "n": m["n"], "n_bootstrap": n_bootstrap,
+            "seed": seed, "ci": m["ci"]}
 
 
 def train_threshold(y: np.ndarray, p: np.ndarray) -> float:
@@ -91,15 +87,13 @@ def c2st_cnn(real: np.ndarray, fake: np.ndarray, test_fraction: float = 0.5, see
 
 def over_reader_seeds(results: list[dict]) -> dict:
     """One reader retrained under several seeds (held-out split, initialisation, bootstrap): the first seed's result
-    (whose decisions go to the reader study) with every seed's held-out AUROC beside it and their median and range.
-    A small reader's seed moves its AUROC more than one seed's bootstrap CI shows (benchmarks/README.md), so a
-    single seed's AUROC is not the reader's whole answer."""
+    (whose decisions go to the reader study) with the ``spread`` of every seed's held-out AUROC beside it. A small
+    reader's seed moves its AUROC more than one seed's bootstrap CI shows (benchmarks/README.md), so a single seed's
+    AUROC is not the reader's whole answer."""
     if not results:
         raise MetricError("no reader results to summarise")
-    aurocs = [float(r["auroc"]) for r in results]
-    return {**results[0], "reader_seeds": {"n": len(results), "seeds": [int(r["seed"]) for r in results],
-                                           "auroc": aurocs, "median": float(np.median(aurocs)),
-                                           "min": min(aurocs), "max": max(aurocs)}}
+    return {**results[0], "reader_seeds": {**spread([r["auroc"] for r in results]),
+                                           "seeds": [int(r["seed"]) for r in results]}}
 
 
 READS_COLUMNS = ["reader_id", "packet_id", "image_id", "answer", "confidence", "time_s"]

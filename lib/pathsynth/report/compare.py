@@ -50,8 +50,8 @@ def compare(here: Path, there: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return num, read
 
 
-KEY_FIGURES = ("fid_umap_coverage_fd", "linear_probe_forest", "linear_probe_efficiency", "dino_pretrain_ladder",
-               "guided_sampling_modes", "reader_stats_readers")
+KEY_FIGURES = ("fid_umap_coverage_fd", "fid_umap_coverage_c2st", "linear_probe_forest", "linear_probe_efficiency",
+               "dino_pretrain_ladder", "guided_sampling_modes", "reader_stats_readers")
 
 
 def save(root: Path, dest: Path) -> list[Path]:
