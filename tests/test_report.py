@@ -196,16 +196,25 @@ def test_params_diff_and_timings_from_executed_notebooks(tmp_path):
 
 
 def test_compare_with_a_committed_run(tmp_path):
-    def write(folder, fd, reading):
+    def write(folder, fd, reading, ci=(0.5, 2.0)):
         (folder / "metrics").mkdir(parents=True)
-        (folder / "metrics" / "fid_umap_coverage.json").write_text(json.dumps({"fd": {"value": fd}, "n": 10, "seconds": 3.0}))
+        (folder / "metrics" / "fid_umap_coverage.json").write_text(json.dumps(
+            {"fd": {"value": fd, "ci95": list(ci)}, "n": 10, "seconds": 3.0, "sampling_s": 2.0, "ok": True,
+             "runs": [{"auroc": 0.7}], "reader_seeds": {"n_synthetic": 4}}))
         (folder / "metrics" / "report.json").write_text(json.dumps({"claims": [{"claim": "c", "reading": reading}]}))
 
     write(tmp_path / "results", 1.0, C.SUPPORTED)
     write(tmp_path / "same", 1.0, C.SUPPORTED)
     write(tmp_path / "other", 1.5, C.NOT_SUPPORTED)
+    write(tmp_path / "ci", 1.0, C.SUPPORTED, ci=(0.5, 2.5))
+    assert CP.numbers(tmp_path / "results") == {"fid_umap_coverage:fd.value": 1.0, "fid_umap_coverage:fd.ci95[0]": 0.5,
+                                                "fid_umap_coverage:fd.ci95[1]": 2.0, "fid_umap_coverage:n": 10.0,
+                                                "fid_umap_coverage:runs[0].auroc": 0.7,
+                                                "fid_umap_coverage:reader_seeds.n_synthetic": 4.0}
     num, read = CP.compare(tmp_path / "same", tmp_path / "results")
     assert num.empty and read.empty
+    num, _ = CP.compare(tmp_path / "ci", tmp_path / "results")  # a CI alone that moved is a difference
+    assert num.metric.tolist() == ["fid_umap_coverage:fd.ci95[1]"]
     num, read = CP.compare(tmp_path / "other", tmp_path / "results")
     assert num.metric.tolist() == ["fid_umap_coverage:fd.value"] and num.relative.iloc[0] == pytest.approx(0.5)
     assert read.values.tolist() == [["c", C.SUPPORTED, C.NOT_SUPPORTED]]

@@ -11,24 +11,38 @@ their confidence intervals, and the readings should not change.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from .provenance import _flatten
 
-SKIP = ("seconds", "images_per_s", "_s", "provenance", "path", "page", "folder", "minutes")
+SKIP = ("seconds", "images_per_s", "provenance", "path", "page", "folder", "minutes")  # timings and places, not results
+
+
+def _skipped(key: str) -> bool:
+    """A timing or a place: a key part naming one of SKIP, or ending in ``_s`` (seconds: ``sampling_s``; not
+    ``reader_seeds`` or ``n_synthetic``, which a plain substring test would drop)."""
+    return any(s in key for s in SKIP) or any(part.endswith("_s") for part in re.split(r"[.\[\]:]", key))
+
+
+def _leaves(v, key: str):
+    """(key, value) for every number in a metrics value, lists included: a CI is ``...ci95[0]`` and ``...ci95[1]``
+    (``provenance._flatten`` stops at lists, and a rerun whose CIs alone differ must not read as identical)."""
+    if isinstance(v, dict):
+        for k, x in v.items():
+            yield from _leaves(x, f"{key}.{k}" if key else str(k))
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            yield from _leaves(x, f"{key}[{i}]")
+    elif isinstance(v, (int, float)) and not isinstance(v, bool):
+        yield key, float(v)
 
 
 def numbers(folder: Path) -> dict[str, float]:
-    out = {}
-    for p in sorted((folder / "metrics").glob("*.json")):
-        for k, v in _flatten(json.loads(p.read_text())).items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or any(s in k for s in SKIP):
-                continue
-            out[f"{p.stem}:{k}"] = float(v)
-    return out
+    return {f"{p.stem}:{k}": v for p in sorted((folder / "metrics").glob("*.json"))
+            for k, v in _leaves(json.loads(p.read_text()), "") if not _skipped(k)}
 
 
 def readings(folder: Path) -> dict[str, str]:
