@@ -199,8 +199,8 @@ def test_compare_with_a_committed_run(tmp_path):
     def write(folder, fd, reading, ci=(0.5, 2.0)):
         (folder / "metrics").mkdir(parents=True)
         (folder / "metrics" / "fid_umap_coverage.json").write_text(json.dumps(
-            {"fd": {"value": fd, "ci95": list(ci)}, "n": 10, "seconds": 3.0, "sampling_s": 2.0, "ok": True,
-             "runs": [{"auroc": 0.7}], "reader_seeds": {"n_synthetic": 4}}))
+            {"fd": {"value": fd, "ci95": list(ci)}, "n": 10, "seconds": 3.0, "train_seconds": 2.0, "ok": True,
+             "runs": [{"auroc": 0.7}], "reader_seeds": {"n_synthetic": 4}, "min_mean_s": 0.1}))
         (folder / "metrics" / "report.json").write_text(json.dumps({"claims": [{"claim": "c", "reading": reading}]}))
 
     write(tmp_path / "results", 1.0, C.SUPPORTED)
@@ -210,7 +210,8 @@ def test_compare_with_a_committed_run(tmp_path):
     assert CP.numbers(tmp_path / "results") == {"fid_umap_coverage:fd.value": 1.0, "fid_umap_coverage:fd.ci95[0]": 0.5,
                                                 "fid_umap_coverage:fd.ci95[1]": 2.0, "fid_umap_coverage:n": 10.0,
                                                 "fid_umap_coverage:runs[0].auroc": 0.7,
-                                                "fid_umap_coverage:reader_seeds.n_synthetic": 4.0}
+                                                "fid_umap_coverage:reader_seeds.n_synthetic": 4.0,
+                                                "fid_umap_coverage:min_mean_s": 0.1}
     num, read = CP.compare(tmp_path / "same", tmp_path / "results")
     assert num.empty and read.empty
     num, _ = CP.compare(tmp_path / "ci", tmp_path / "results")  # a CI alone that moved is a difference
