@@ -18,7 +18,11 @@ its sets, and judged with:
 - ``fd_dino``: Fréchet distance of the reconstructions' prototypes-stage DINO features to fid_umap_coverage's
   real reference (not an Inception FID), bootstrap 95% CI.
 
-A row ``real (no VAE)`` puts the N real test patches themselves through the same judges: the floor of both.
+A row ``real (no VAE)`` puts the N real test patches themselves through the same judges: the floor of both; with
+JPEG encoding on, a row ``real (no VAE), JPEG qQ`` puts them through that encoding alone, which is what the
+encoding costs by itself (at 64 px it is not like with like: pcam_ai4all's patches were JPEG-encoded at 96 px and
+data_prep resized them). ``--jpeg Q`` judges the reconstructions under another encoding than guided_sampling's
+(``--jpeg 0``: none); their label says so.
 Rows land in a CSV as they finish (``--out``; default ``<root>/checkpoints/benchmarks/vae_levers.csv``).
 """
 from __future__ import annotations
@@ -61,6 +65,8 @@ def main() -> int:
     ap.add_argument("--root", type=Path, default=None, help="a project whose stages up to ldm_finetune have run")
     ap.add_argument("--n", type=int, default=512, help="real valid patches and reconstructed test patches")
     ap.add_argument("--vae", nargs="*", default=[], metavar="KEY=VALUE", help="retrain the VAE with these ldm_finetune.vae settings")
+    ap.add_argument("--jpeg", type=int, default=None, metavar="Q",
+                    help="JPEG quality of the reconstructions (0: none; default: guided_sampling.jpeg_quality)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -70,7 +76,11 @@ def main() -> int:
     if lp.regime != "scratch":
         raise SystemExit("--vae retrains the scratch regime's VAE; this profile uses a pretrained one")
     vae_cfg = overridden(lp, [f"vae.{p}" for p in a.vae], "--vae").vae  # bad keys or values fail here, before any compute
-    name = " ".join(a.vae) or "stage"
+    if a.jpeg is not None and not 0 <= a.jpeg <= 100:
+        raise SystemExit(f"--jpeg {a.jpeg}: a JPEG quality is 1 to 100 (0: no encoding)")
+    jpeg = (GP.jpeg_quality or 0) if a.jpeg is None else a.jpeg
+    encoding = "" if jpeg == (GP.jpeg_quality or 0) else f" ({f'JPEG q{jpeg}' if jpeg else 'no JPEG'})"
+    name = (" ".join(a.vae) or "stage") + encoding
     out = a.out or root / "checkpoints" / "benchmarks" / "vae_levers.csv"
     done = pd.read_csv(out) if out.is_file() else pd.DataFrame(columns=["vae", "n"])
 
@@ -91,7 +101,7 @@ def main() -> int:
         c2st, _ = R.c2st_cnn(real, images, Q.c2st_test_fraction, seed, Q.c2st_cnn_epochs, n_bootstrap=Q.n_bootstrap,
                              device=a.device)
         r = fd(ref, extractor(images, device=a.device), n_bootstrap=Q.n_bootstrap, seed=seed)
-        row = {"vae": label, "n": a.n, **extra, "c2st": c2st["auroc"], "c2st_lo": c2st["ci95"][0],
+        row = {"vae": label, "n": a.n, "jpeg_quality": extra.pop("jpeg_quality", jpeg), **extra, "c2st": c2st["auroc"], "c2st_lo": c2st["ci95"][0],
                "c2st_hi": c2st["ci95"][1], "fd_dino": r["value"], "fd_dino_lo": r["ci95"][0], "fd_dino_hi": r["ci95"][1],
                "seed": P.seed}
         done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
@@ -104,19 +114,26 @@ def main() -> int:
         return bool(((done["vae"] == label) & (done["n"] == a.n)).any())
 
     if not is_done("real (no VAE)"):
-        judge("real (no VAE)", source, {})
-    for label in dict.fromkeys(["stage", name]):
+        judge("real (no VAE)", source, {"jpeg_quality": 0})
+    if jpeg and not is_done(f"real (no VAE), JPEG q{jpeg}"):
+        judge(f"real (no VAE), JPEG q{jpeg}", S.jpeg_roundtrip(source, jpeg), {})
+    labels = ["stage" + encoding, name]
+    stage_vae = root / "models" / "ldm_finetune" / "vae"
+    if not (stage_vae / "config.json").is_file() and a.vae:
+        print(f"no stage VAE at {stage_vae} (`dvc repro ldm_finetune` makes it): its row is left out", flush=True)
+        labels = [name]
+    for label in dict.fromkeys(labels):
         if is_done(label):
             continue
         t0, train_s = time.perf_counter(), None
-        if label == "stage":
-            vae = AutoencoderKL.from_pretrained(root / "models" / "ldm_finetune" / "vae", local_files_only=True)
+        if label == "stage" + encoding:
+            vae = AutoencoderKL.from_pretrained(stage_vae, local_files_only=True)
         else:
             folder = retrained_vae(root, P, vae_cfg, a.device)
             vae = AutoencoderKL.from_pretrained(folder, local_files_only=True)
             train_s = round(json.loads((folder / "training.json").read_text())["train_seconds"], 1)
         q = T.reconstruction_quality(vae, source, None, a.device)
-        judge(label, reconstruct(vae, source, GP.jpeg_quality, a.device),
+        judge(label, reconstruct(vae, source, jpeg or None, a.device),
               {"psnr": q["psnr"], "ssim": q["ssim"], "train_s": train_s, "seconds": round(time.perf_counter() - t0, 1)})
     print(f"\n{out}:\n" + done[done.n == a.n].round(3).to_markdown(index=False))
     return 0

@@ -350,6 +350,14 @@ def test_study_through_dvc_and_papermill(dvc_study):
     assert list(vl.vae) == ["real (no VAE)", "stage", " ".join(vae_set)] and vl.c2st.between(0, 1).all()
     assert (vl.c2st_lo <= vl.c2st).all() and (vl.c2st <= vl.c2st_hi).all() and vl.psnr.iloc[1:].gt(5).all()
     assert vl.train_s.iloc[2] > 0 and vl.fd_dino.iloc[1:].nunique() == 2
+    # --jpeg: the same VAEs judged under another encoding are rows of their own, with the encoding alone as a control
+    run(vbench + ["--jpeg", "75"], s.root)
+    vl = pd.read_csv(s.root / "checkpoints" / "benchmarks" / "vae_levers.csv")
+    assert list(vl.vae.iloc[3:]) == ["real (no VAE), JPEG q75", "stage (JPEG q75)", " ".join(vae_set) + " (JPEG q75)"]
+    assert list(vl.jpeg_quality) == [0, 0, 0, 75, 75, 75] and vl.fd_dino.iloc[1] != vl.fd_dino.iloc[4]
+    r = subprocess.run(vbench + ["--jpeg", "101"], cwd=s.root, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"})
+    assert r.returncode != 0 and "--jpeg 101: a JPEG quality is 1 to 100" in r.stderr
     out = run(bench + ["--unet", *(f"vae.{v}" for v in vae_set), "train.steps=4"], s.root)
     vae_dirs = list((s.root / "checkpoints" / "benchmarks" / "vae_levers").glob("vae-*/training.json"))
     assert len(vae_dirs) == 1, vae_dirs  # trained once, by either script
