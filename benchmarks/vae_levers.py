@@ -62,7 +62,8 @@ def reconstruct(vae, images: np.ndarray, jpeg_quality: int | None, device: str) 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--root", type=Path, default=None, help="a project whose stages up to ldm_finetune have run")
+    ap.add_argument("--root", type=Path, default=None, help="a project whose stages up to ldm_finetune have run "
+                    "(up to prototypes will do with --vae: the stage VAE's row is then left out)")
     ap.add_argument("--n", type=int, default=512, help="real valid patches and reconstructed test patches")
     ap.add_argument("--vae", nargs="*", default=[], metavar="KEY=VALUE", help="retrain the VAE with these ldm_finetune.vae settings")
     ap.add_argument("--jpeg", type=int, default=None, metavar="Q",
@@ -101,9 +102,9 @@ def main() -> int:
         c2st, _ = R.c2st_cnn(real, images, Q.c2st_test_fraction, seed, Q.c2st_cnn_epochs, n_bootstrap=Q.n_bootstrap,
                              device=a.device)
         r = fd(ref, extractor(images, device=a.device), n_bootstrap=Q.n_bootstrap, seed=seed)
-        row = {"vae": label, "n": a.n, "jpeg_quality": extra.pop("jpeg_quality", jpeg), **extra, "c2st": c2st["auroc"], "c2st_lo": c2st["ci95"][0],
-               "c2st_hi": c2st["ci95"][1], "fd_dino": r["value"], "fd_dino_lo": r["ci95"][0], "fd_dino_hi": r["ci95"][1],
-               "seed": P.seed}
+        row = {"vae": label, "n": a.n, "jpeg_quality": extra.pop("jpeg_quality", jpeg), **extra,
+               "c2st": c2st["auroc"], "c2st_lo": c2st["ci95"][0], "c2st_hi": c2st["ci95"][1],
+               "fd_dino": r["value"], "fd_dino_lo": r["ci95"][0], "fd_dino_hi": r["ci95"][1], "seed": P.seed}
         done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         done.to_csv(out.with_suffix(".tmp"), index=False)
